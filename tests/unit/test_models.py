@@ -1,0 +1,447 @@
+"""Tests for the memory item model and strict decoding of message bodies."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from worker.models import (
+    DecodeError,
+    MemoryItem,
+    decode_item,
+    encode_item,
+    idempotency_key,
+    item_from_dict,
+)
+from worker.outcome import Reason
+
+JSON = "application/json"
+DROP = object()
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def make(**changes: Any) -> dict[str, Any]:
+    """Build a valid item dict; `metadata__x=...` changes a metadata key, `...=DROP` removes it."""
+    data: dict[str, Any] = {
+        "content": "the build passed",
+        "metadata": {
+            "type": "task_result",
+            "pool_id": "pool-1",
+            "pool_type": "local",
+            "worker_id": "w-7",
+            "status": "completed",
+            "timestamp": 1_717_171_717.25,
+        },
+    }
+    for key, value in changes.items():
+        target, name = (data["metadata"], key[10:]) if key.startswith("metadata__") else (data, key)
+        if value is DROP:
+            del target[name]
+        else:
+            target[name] = value
+    return data
+
+
+def body(data: object) -> bytes:
+    """Encode `data` as UTF-8 JSON text."""
+    return json.dumps(data, ensure_ascii=False).encode()
+
+
+def test_valid_item_with_float_timestamp() -> None:
+    """A float epoch timestamp decodes as that float and the fields as given."""
+    item = decode_item(body(make()), JSON)
+    assert item.content == "the build passed"
+    assert item.metadata.pool_id == "pool-1"
+    assert item.metadata.timestamp == 1_717_171_717.25
+    assert item.metadata.exit_code is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("2024-06-01T12:00:00Z", datetime(2024, 6, 1, 12, tzinfo=UTC)),
+        ("2024-06-01T12:00:00.5+00:00", datetime(2024, 6, 1, 12, 0, 0, 500_000, tzinfo=UTC)),
+        ("2024-06-01T12:00:00", datetime(2024, 6, 1, 12)),
+    ],
+)
+def test_valid_item_with_iso_timestamp(raw: str, expected: datetime) -> None:
+    """An ISO-8601 timestamp string decodes to a datetime."""
+    item = decode_item(body(make(metadata__timestamp=raw)), None)
+    assert item.metadata.timestamp == expected
+
+
+def test_integer_timestamp_becomes_float() -> None:
+    """Integer epoch seconds are accepted as a float."""
+    item = decode_item(body(make(metadata__timestamp=1_717_171_717)), JSON)
+    assert isinstance(item.metadata.timestamp, float)
+
+
+def test_optional_fields_decode() -> None:
+    """Duration, exit code and error decode with their types."""
+    data = make(metadata__duration_seconds=1.5, metadata__exit_code=2, metadata__error="boom")
+    metadata = decode_item(body(data), JSON).metadata
+    assert (metadata.duration_seconds, metadata.exit_code, metadata.error) == (1.5, 2, "boom")
+
+
+def test_extra_metadata_is_preserved() -> None:
+    """Unknown metadata keys survive decoding and encoding."""
+    extra = {"tags": ["a", "b"], "nested": {"n": 1, "ok": True, "none": None}}
+    item = decode_item(body(make(metadata__mahavishnu=extra)), JSON)
+    assert item.metadata.model_extra == {"mahavishnu": extra}
+    assert json.loads(encode_item(item))["metadata"]["mahavishnu"] == extra
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        make(),
+        make(metadata__timestamp="2024-06-01T12:00:00.123456+02:00"),
+        make(metadata__timestamp=1e9, metadata__exit_code=0, metadata__extra={"big": 10**25}),
+        make(content='ünïcödé ✓ 😀 \u0000 "quoted" \\ back', metadata__error=None),
+    ],
+)
+def test_round_trip(data: dict[str, Any]) -> None:
+    """Encoding then decoding gives back an equal item, and the same JSON as was sent."""
+    item = decode_item(body(data), JSON)
+    encoded = encode_item(item)
+    assert decode_item(encoded, JSON) == item
+    assert json.loads(encoded) == data
+
+
+def test_encode_is_compact_utf8_and_keeps_float() -> None:
+    """The encoding is compact UTF-8, omits unset fields and keeps a float timestamp a float."""
+    encoded = encode_item(decode_item(body(make(content="é", metadata__timestamp=1e9)), JSON))
+    assert b" " not in encoded
+    assert "é".encode() in encoded
+    assert b'"timestamp":1000000000.0' in encoded
+    assert b"exit_code" not in encoded
+
+
+def test_content_type_parameters_accepted() -> None:
+    """JSON content types match case-insensitively and allow a utf-8 charset."""
+    for content_type in (
+        "application/json",
+        "Application/JSON; charset=UTF-8",
+        'application/json;charset="utf-8"',
+    ):
+        decode_item(body(make()), content_type)
+
+
+def nested(depth: int) -> bytes:
+    """An item whose metadata carries arrays nested `depth` deep."""
+    return body(make()).replace(
+        b'"pool_id"', b'"deep":' + b"[" * depth + b"]" * depth + b',"pool_id"'
+    )
+
+
+BAD_INPUT = [
+    ("truncated JSON", b'{"content": "x", "meta', JSON, Reason.INVALID_JSON, "line 1 column"),
+    ("invalid UTF-8 byte", b'{"content": "\xff"}', JSON, Reason.INVALID_ENCODING, "byte 13"),
+    (
+        "UTF-8 BOM",
+        b"\xef\xbb\xbf" + body(make()),
+        JSON,
+        Reason.INVALID_ENCODING,
+        "UTF-8 byte order mark",
+    ),
+    (
+        "UTF-16 with BOM",
+        json.dumps(make()).encode("utf-16"),
+        JSON,
+        Reason.INVALID_ENCODING,
+        "UTF-16 byte order mark",
+    ),
+    (
+        "UTF-16 without BOM",
+        json.dumps(make()).encode("utf-16-le"),
+        JSON,
+        Reason.INVALID_ENCODING,
+        "NUL at byte 1",
+    ),
+    (
+        "UTF-32 with BOM",
+        json.dumps(make()).encode("utf-32"),
+        JSON,
+        Reason.INVALID_ENCODING,
+        "UTF-32 byte order mark",
+    ),
+    (
+        "NaN",
+        body(make()).replace(b"1717171717.25", b"NaN"),
+        JSON,
+        Reason.INVALID_JSON,
+        "NaN is not valid JSON",
+    ),
+    (
+        "Infinity",
+        body(make()).replace(b"1717171717.25", b"Infinity"),
+        JSON,
+        Reason.INVALID_JSON,
+        "Infinity is not valid JSON",
+    ),
+    (
+        "overflowing float",
+        body(make()).replace(b"1717171717.25", b"1e999"),
+        JSON,
+        Reason.INVALID_JSON,
+        "out of range",
+    ),
+    (
+        "duplicate keys",
+        b'{"content": "a", "content": "b"}',
+        JSON,
+        Reason.INVALID_JSON,
+        "duplicate key 'content'",
+    ),
+    ("nesting depth 100", nested(100), JSON, Reason.INVALID_JSON, "nested deeper than 32"),
+    (
+        "nesting depth 100_000",
+        b"[" * 100_000 + b"]" * 100_000,
+        JSON,
+        Reason.INVALID_JSON,
+        "nested deeper than 32",
+    ),
+    (
+        "5,000-digit integer",
+        body(make()).replace(b"1717171717.25", b"7" * 5000),
+        JSON,
+        Reason.INVALID_JSON,
+        "integer of 5000 digits",
+    ),
+    (
+        "lone surrogate",
+        body(make()).replace(b'"the build passed"', b'"\\ud800"'),
+        JSON,
+        Reason.INVALID_ENCODING,
+        "content: lone surrogate",
+    ),
+    ("lone surrogate in key", b'{"\\udfff": 1}', JSON, Reason.INVALID_ENCODING, "lone surrogate"),
+    ("top-level array", b"[]", JSON, Reason.SCHEMA, "top level must be a JSON object, not array"),
+    ("missing content", body(make(content=DROP)), JSON, Reason.SCHEMA, "content: Field required"),
+    ("empty content", body(make(content="")), JSON, Reason.SCHEMA, "content: must not be blank"),
+    (
+        "blank content",
+        body(make(content=" \n\t\u3000")),
+        JSON,
+        Reason.SCHEMA,
+        "content: must not be blank",
+    ),
+    (
+        "content not a string",
+        body(make(content=123)),
+        JSON,
+        Reason.SCHEMA,
+        "content: Input should be a valid string",
+    ),
+    (
+        "metadata missing",
+        body(make(metadata=DROP)),
+        JSON,
+        Reason.SCHEMA,
+        "metadata: Field required",
+    ),
+    (
+        "metadata.pool_id missing",
+        body(make(metadata__pool_id=DROP)),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.pool_id: Field required",
+    ),
+    (
+        "metadata.pool_id empty",
+        body(make(metadata__pool_id="")),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.pool_id: String should have at least 1 character",
+    ),
+    (
+        "metadata.pool_id a number",
+        body(make(metadata__pool_id=123)),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.pool_id: Input should be a valid string",
+    ),
+    (
+        "metadata.timestamp a bool",
+        body(make(metadata__timestamp=True)),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.timestamp: must be epoch seconds, not a boolean",
+    ),
+    (
+        "metadata.timestamp in ms",
+        body(make(metadata__timestamp=1_717_171_717_250)),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.timestamp: epoch seconds out of range",
+    ),
+    (
+        "metadata.timestamp negative",
+        body(make(metadata__timestamp=-1)),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.timestamp: epoch seconds out of range",
+    ),
+    (
+        "metadata.timestamp not ISO",
+        body(make(metadata__timestamp="yesterday")),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.timestamp: not an ISO-8601 datetime",
+    ),
+    (
+        "metadata.exit_code a string",
+        body(make(metadata__exit_code="1")),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.exit_code: Input should be a valid integer",
+    ),
+    (
+        "metadata.exit_code a bool",
+        body(make(metadata__exit_code=False)),
+        JSON,
+        Reason.SCHEMA,
+        "metadata.exit_code: Input should be a valid integer",
+    ),
+    (
+        "unknown top-level key",
+        body(make(contnet="typo")),
+        JSON,
+        Reason.SCHEMA,
+        "contnet: Extra inputs are not permitted",
+    ),
+    (
+        "oversize body",
+        body(make(content="x" * 2_000_000)),
+        JSON,
+        Reason.TOO_LARGE,
+        "limit is 1048576",
+    ),
+    (
+        "content type text/plain",
+        body(make()),
+        "text/plain",
+        Reason.WRONG_CONTENT_TYPE,
+        "'text/plain'",
+    ),
+    (
+        "charset utf-16",
+        body(make()),
+        "application/json; charset=utf-16",
+        Reason.WRONG_CONTENT_TYPE,
+        "charset 'utf-16'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "reason", "fragment"),
+    [case[1:] for case in BAD_INPUT],
+    ids=[case[0] for case in BAD_INPUT],
+)
+def test_bad_input_is_rejected_with_reason(
+    raw: bytes, content_type: str | None, reason: Reason, fragment: str
+) -> None:
+    """Each kind of bad body raises DecodeError with its precise reason and a short detail."""
+    with pytest.raises(DecodeError) as caught:
+        decode_item(raw, content_type)
+    assert caught.value.reason is reason
+    assert fragment in caught.value.detail
+    assert str(caught.value) == caught.value.detail
+    assert len(caught.value.detail) < 300
+
+
+def test_size_is_checked_before_anything_else() -> None:
+    """An oversize body is TOO_LARGE even when its content type and bytes are also wrong."""
+    with pytest.raises(DecodeError) as caught:
+        decode_item(b"\xff" * 11, "text/plain", max_bytes=10)
+    assert caught.value.reason is Reason.TOO_LARGE
+
+
+def test_max_depth_is_configurable() -> None:
+    """Nesting up to max_depth passes the depth check; one more level is rejected."""
+    decode_item(nested(30), JSON, max_depth=32)
+    with pytest.raises(DecodeError, match="nested deeper than 5"):
+        decode_item(nested(4), JSON, max_depth=5)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting() -> None:
+    """Brackets and escaped quotes inside strings are not mistaken for nesting."""
+    item = decode_item(body(make(content='\\" [' * 1000 + "{" * 1000)), JSON)
+    assert item.content.endswith("{")
+
+
+def test_several_errors_are_joined_and_short() -> None:
+    """Many schema errors are listed with '; ' and clipped under 300 characters."""
+    data = {"content": 1, "metadata": {f"k{'x' * 100}": 1, "exit_code": "x"}}
+    for i in range(20):
+        data[f"unknown_{'y' * 80}_{i}"] = i
+    with pytest.raises(DecodeError) as caught:
+        decode_item(body(data), JSON)
+    assert "content: Input should be a valid string; " in caught.value.detail
+    assert len(caught.value.detail) < 300
+
+
+def test_decode_error_pickles() -> None:
+    """A DecodeError keeps its reason and detail through pickling."""
+    error = pickle.loads(pickle.dumps(DecodeError(Reason.SCHEMA, "content: x")))
+    assert (error.reason, error.detail) == (Reason.SCHEMA, "content: x")
+
+
+def test_item_from_dict_accepts_valid_item() -> None:
+    """A valid dict becomes an item equal to what the worker decodes from its encoding."""
+    data = make(metadata__timestamp=datetime(2024, 6, 1, tzinfo=UTC), metadata__extra=[1, "a"])
+    item = item_from_dict(data)
+    assert isinstance(item, MemoryItem)
+    assert decode_item(encode_item(item), JSON) == item
+
+
+@pytest.mark.parametrize(
+    ("data", "fragment"),
+    [
+        (make(metadata__worker_id=DROP), "metadata.worker_id: Field required"),
+        (make(content="  "), "content: must not be blank"),
+        (make(metadata__timestamp=float("nan")), "metadata.timestamp: epoch seconds out of range"),
+        (make(metadata__duration_seconds=float("inf")), "metadata.duration_seconds"),
+        (make(metadata__extra=float("nan")), "not encodable as JSON"),
+        (make(metadata__extra={1, 2}), "not encodable as JSON"),
+        (make(content="\ud800"), "not encodable as JSON"),
+        (make(metadata__extra=10**40), "integer of 41 digits"),
+    ],
+)
+def test_item_from_dict_rejects_with_schema(data: dict[str, Any], fragment: str) -> None:
+    """An invalid or unpublishable dict raises DecodeError with Reason.SCHEMA."""
+    with pytest.raises(DecodeError) as caught:
+        item_from_dict(data)
+    assert caught.value.reason is Reason.SCHEMA
+    assert fragment in caught.value.detail
+
+
+@pytest.mark.parametrize(
+    ("message_id", "expected"),
+    [
+        ("msg-42", "msg-42"),
+        (None, "sha256:ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"),
+        ("", "sha256:ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"),
+    ],
+)
+def test_idempotency_key(message_id: str | None, expected: str) -> None:
+    """The message id wins when set; otherwise the key is the body's SHA-256."""
+    assert idempotency_key(message_id, b"a") == expected
+
+
+def test_idempotency_key_is_stable_across_processes() -> None:
+    """Another interpreter computes the same key for the same body."""
+    code = "from worker.models import idempotency_key; print(idempotency_key(None, b'xyz'))"
+    other = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout.strip()
+    assert other == idempotency_key(None, b"xyz")
+    assert idempotency_key(None, b"xyz") != idempotency_key(None, b"xyz ")

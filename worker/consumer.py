@@ -1,0 +1,218 @@
+"""aio-pika wiring: the consuming channel, QoS, the consumer, and settling on the broker.
+
+Delivery rules, in the order they happen:
+- a retry or dead letter is *published with confirms first* and the original acked after, so a
+  failed publish loses nothing (at worst a duplicate copy);
+- a settlement on a channel that has closed is counted and dropped, never retried: the broker
+  has already requeued that delivery, and its tag means nothing on a new channel.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+    ConsumerTag,
+)
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
+
+from worker.outcome import Action
+from worker.pipeline import Dispatcher, Verdict
+from worker.topology import (
+    H_ATTEMPTS,
+    H_DETAIL,
+    H_FIRST_FAILURE_MS,
+    H_LAST_FAILURE_MS,
+    H_QUEUE,
+    H_REASON,
+    H_WORKER,
+    Topology,
+)
+
+log = structlog.get_logger("worker.consumer")
+DETAIL_HEADER_CHARS = 1000
+CONFIRM_TIMEOUT_S = 30.0
+
+
+def copy_message(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
+    """A persistent copy of a delivered message: same body and properties, new headers."""
+    return aio_pika.Message(
+        body=message.body,
+        headers=dict(headers),
+        content_type=message.content_type,
+        content_encoding=message.content_encoding,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        priority=message.priority,
+        correlation_id=message.correlation_id,
+        reply_to=message.reply_to,
+        message_id=message.message_id,
+        timestamp=message.timestamp,
+        type=message.type,
+        user_id=message.user_id,
+        app_id=message.app_id,
+    )
+
+
+class Outbox:
+    """Publishes retries and dead letters on the consuming channel, with confirms."""
+
+    def __init__(self, channel: AbstractChannel, topology: Topology, worker_id: str) -> None:
+        self._channel = channel
+        self._topology = topology
+        self._worker_id = worker_id
+        self._retry: AbstractExchange | None = None
+        self._dlx: AbstractExchange | None = None
+
+    async def open(self) -> None:
+        """Look up the exchanges once."""
+        self._retry = await self._channel.get_exchange(self._topology.retry_exchange, ensure=False)
+        self._dlx = await self._channel.get_exchange(
+            self._topology.dead_letter_exchange, ensure=False
+        )
+
+    async def retry(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
+        """Park a copy in the wait queue of its delay tier."""
+        assert self._retry is not None
+        now = time.time()
+        headers = {k: v for k, v in (message.headers or {}).items() if k != "x-death"}
+        headers.update(
+            {
+                H_ATTEMPTS: verdict.attempt,
+                H_FIRST_FAILURE_MS: round((verdict.first_failure_ts or now) * 1000),
+                H_LAST_FAILURE_MS: round(now * 1000),
+                H_DETAIL: verdict.outcome.detail[:DETAIL_HEADER_CHARS],
+            }
+        )
+        tier = self._topology.tier_for(verdict.decision.delay_s)
+        await self._retry.publish(
+            copy_message(message, headers), tier.queue, mandatory=True, timeout=CONFIRM_TIMEOUT_S
+        )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
+        """Publish the original body and headers plus why it failed to the DLQ."""
+        assert self._dlx is not None and verdict.decision.reason is not None
+        now = time.time()
+        headers = dict(message.headers or {})
+        headers.update(
+            {
+                H_REASON: verdict.decision.reason.value,
+                H_DETAIL: verdict.outcome.detail[:DETAIL_HEADER_CHARS],
+                H_ATTEMPTS: verdict.attempt,
+                H_FIRST_FAILURE_MS: round((verdict.first_failure_ts or now) * 1000),
+                H_LAST_FAILURE_MS: round(now * 1000),
+                H_WORKER: self._worker_id,
+                H_QUEUE: self._topology.queue,
+            }
+        )
+        await self._dlx.publish(
+            copy_message(message, headers),
+            self._topology.dead_letter_queue,
+            mandatory=True,
+            timeout=CONFIRM_TIMEOUT_S,
+        )
+
+
+class AmqpDelivery:
+    """An aio-pika message adapted to the pipeline's `Delivery` protocol."""
+
+    __slots__ = ("_message", "_outbox", "body", "content_type", "headers", "message_id")
+
+    def __init__(self, message: AbstractIncomingMessage, outbox: Outbox) -> None:
+        self._message = message
+        self._outbox = outbox
+        self.body = message.body
+        self.content_type = message.content_type
+        self.message_id = message.message_id
+        self.headers: Mapping[str, Any] = message.headers or {}
+
+    @property
+    def redelivered(self) -> bool:
+        """Whether the broker delivered this message before."""
+        return bool(self._message.redelivered)
+
+    async def settle(self, verdict: Verdict) -> bool:
+        """Settle on the broker exactly once; False when the channel had already closed."""
+        message = self._message
+        action = verdict.decision.action
+        try:
+            if action is Action.RETRY:
+                await self._outbox.retry(message, verdict)
+            elif action is Action.DEAD_LETTER:
+                await self._outbox.dead_letter(message, verdict)
+            if action is Action.REQUEUE:
+                await message.nack(requeue=True)
+            else:
+                await message.ack()
+        except (DeliveryError, PublishError, TimeoutError) as exc:
+            # The copy was not confirmed, so the original must stay: hand it back.
+            log.error("publish_unconfirmed", action=action.value, error=repr(exc))
+            return await self._requeue()
+        except CONNECTION_EXCEPTIONS as exc:
+            log.warning("settle_on_closed_channel", action=action.value, error=repr(exc))
+            return False
+        return True
+
+    async def _requeue(self) -> bool:
+        try:
+            await self._message.nack(requeue=True)
+        except CONNECTION_EXCEPTIONS:
+            return False
+        return True
+
+
+class Consumer:
+    """Consumes the work queue on one channel whose prefetch equals the concurrency limit."""
+
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        topology: Topology,
+        dispatcher: Dispatcher,
+        prefetch: int,
+        worker_id: str,
+    ) -> None:
+        self._connection = connection
+        self._topology = topology
+        self._dispatcher = dispatcher
+        self._prefetch = prefetch
+        self._worker_id = worker_id
+        self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._tag: ConsumerTag | None = None
+
+    async def start(self) -> None:
+        """Open the channel, set QoS, and start consuming."""
+        channel = await self._connection.channel(publisher_confirms=True)
+        self._channel = channel
+        await channel.set_qos(prefetch_count=self._prefetch)
+        outbox = Outbox(channel, self._topology, self._worker_id)
+        await outbox.open()
+        self._queue = await channel.declare_queue(self._topology.queue, passive=True)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self._dispatcher.submit(AmqpDelivery(message, outbox))
+
+        self._tag = await self._queue.consume(on_message)
+
+    async def cancel(self) -> None:
+        """Stop new deliveries; what was delivered stays ours to settle."""
+        if self._queue is not None and self._tag is not None:
+            try:
+                await self._queue.cancel(self._tag)
+            except CONNECTION_EXCEPTIONS as exc:
+                log.warning("consumer_cancel_failed", error=repr(exc))
+            self._tag = None
+
+    async def close(self) -> None:
+        """Close the channel; the broker requeues anything still unacked on it."""
+        if self._channel is not None and not self._channel.is_closed:
+            await self._channel.close()

@@ -1,0 +1,324 @@
+"""The memory item model and strict decoding and encoding of RabbitMQ message bodies."""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import ErrorDetails, PydanticCustomError
+
+from worker.outcome import Reason
+
+_MAX_DETAIL = 280
+_MAX_NAME = 40
+_MAX_ERRORS = 5
+_MAX_INT_DIGITS = 30
+_MAX_EPOCH_S = 253_402_300_799  # 9999-12-31T23:59:59Z; also catches milliseconds sent as seconds
+# Longest first: the UTF-32-LE mark begins with the UTF-16-LE one.
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF8, "UTF-8"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+# A string token (skipped whole, so brackets inside it do not count) or a bracket.
+_TOKENS = re.compile(r'"(?:[^"\\]++|\\.)*+"|[\[\]{}]', re.DOTALL)
+_JSON_TYPES: dict[type[object], str] = {
+    list: "array",
+    str: "string",
+    int: "number",
+    float: "number",
+    bool: "boolean",
+    type(None): "null",
+}
+
+
+def _clip(text: str, limit: int = _MAX_DETAIL) -> str:
+    """Make `text` printable as UTF-8 and at most `limit` characters long."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class DecodeError(Exception):
+    """A message body that can never become a valid memory item."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        self.reason = reason
+        self.detail = _clip(detail)
+        super().__init__(self.detail)
+
+    def __reduce__(self) -> tuple[type[DecodeError], tuple[Reason, str]]:
+        # The default reduce would call __init__ with `detail` only and fail to unpickle.
+        return type(self), (self.reason, self.detail)
+
+
+def _timestamp(value: object) -> float | datetime:
+    """Accept finite epoch seconds or an ISO-8601 string from 1970 to 9999."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("timestamp_type", "must be epoch seconds, not a boolean")
+    if isinstance(value, int | float):
+        # Compare before converting: float() of a huge int overflows, and NaN fails every test.
+        if not 0 <= value <= _MAX_EPOCH_S:
+            raise PydanticCustomError("timestamp_range", "epoch seconds out of range 1970..9999")
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise PydanticCustomError("timestamp_format", "not an ISO-8601 datetime") from None
+    if isinstance(value, datetime):
+        if value.year < 1970:
+            raise PydanticCustomError("timestamp_range", "datetime before 1970")
+        return value
+    raise PydanticCustomError("timestamp_type", "must be epoch seconds or an ISO-8601 string")
+
+
+class MemoryMetadata(BaseModel):
+    """Where a memory came from; unknown keys are kept because Mahavishnu adds more."""
+
+    model_config = ConfigDict(strict=True, extra="allow", frozen=True, allow_inf_nan=False)
+
+    type: str = Field(min_length=1)
+    pool_id: str = Field(min_length=1)
+    pool_type: str = Field(min_length=1)
+    worker_id: str = Field(min_length=1)
+    status: str = Field(min_length=1)
+    timestamp: Annotated[float | datetime, BeforeValidator(_timestamp)]
+    duration_seconds: float | None = None
+    exit_code: int | None = None
+    error: str | None = None
+
+
+class MemoryItem(BaseModel):
+    """One memory to store: its text and where it came from."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    content: str
+    metadata: MemoryMetadata
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        """Reject content with no visible character."""
+        if not value.strip():
+            raise PydanticCustomError("blank", "must not be blank")
+        return value
+
+
+def _check_content_type(content_type: str | None) -> None:
+    """Accept no content type or application/json in UTF-8."""
+    if content_type is None:
+        return
+    media, *params = (part.strip() for part in content_type.split(";"))
+    if media.lower() != "application/json":
+        shown = _clip(content_type, _MAX_NAME)
+        raise DecodeError(Reason.WRONG_CONTENT_TYPE, f"content type {shown!r} is not JSON")
+    for param in params:
+        name, _, charset = param.partition("=")
+        charset = charset.strip().strip('"').lower()
+        if name.strip().lower() == "charset" and charset not in ("utf-8", "utf8"):
+            shown = _clip(charset, _MAX_NAME)
+            raise DecodeError(Reason.WRONG_CONTENT_TYPE, f"charset {shown!r} is not utf-8")
+
+
+def _decode_utf8(body: bytes) -> str:
+    """Decode strictly as UTF-8 without a byte order mark."""
+    for bom, name in _BOMS:
+        if body.startswith(bom):
+            raise DecodeError(Reason.INVALID_ENCODING, f"{name} byte order mark at byte 0")
+    # NUL is valid UTF-8 but never valid JSON text; it is the mark of UTF-16/32 without a BOM.
+    nul = body.find(b"\x00")
+    if nul >= 0:
+        detail = f"NUL at byte {nul}: looks like UTF-16 or UTF-32, expected UTF-8"
+        raise DecodeError(Reason.INVALID_ENCODING, detail)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        detail = f"invalid UTF-8 at byte {exc.start}: {exc.reason}"
+        raise DecodeError(Reason.INVALID_ENCODING, detail) from None
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Reject nesting deeper than `max_depth` without recursing."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return
+    depth = 0
+    for match in _TOKENS.finditer(text):
+        char = text[match.start()]
+        if char in "[{":
+            depth += 1
+            if depth > max_depth:
+                detail = f"nested deeper than {max_depth} at char {match.start()}"
+                raise DecodeError(Reason.INVALID_JSON, detail)
+        elif char in "]}":
+            depth -= 1
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """Build an object, rejecting a key that appears twice."""
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise DecodeError(Reason.INVALID_JSON, f"duplicate key {_clip(key, _MAX_NAME)!r}")
+        seen.add(key)
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> float:
+    """Reject NaN, Infinity and -Infinity, which are not JSON."""
+    raise DecodeError(Reason.INVALID_JSON, f"{name} is not valid JSON")
+
+
+def _bounded_int(literal: str) -> int:
+    """Parse an integer literal of at most `_MAX_INT_DIGITS` digits."""
+    digits = len(literal.lstrip("-"))
+    if digits > _MAX_INT_DIGITS:
+        detail = f"integer of {digits} digits, limit is {_MAX_INT_DIGITS}"
+        raise DecodeError(Reason.INVALID_JSON, detail)
+    return int(literal)
+
+
+def _finite_float(literal: str) -> float:
+    """Parse a number literal, rejecting one that overflows to infinity."""
+    value = float(literal)
+    if math.isinf(value):
+        raise DecodeError(Reason.INVALID_JSON, f"number {_clip(literal, _MAX_NAME)} out of range")
+    return value
+
+
+def _unencodable(value: object, path: str) -> str | None:
+    """Return the path of the first string or key that is not valid Unicode, if any."""
+    if isinstance(value, str):
+        return None if _is_unicode(value) else path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            child = f"{path}.{_clip(key, _MAX_NAME)}" if path else _clip(key, _MAX_NAME)
+            found = child if not _is_unicode(key) else _unencodable(item, child)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unencodable(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+def _is_unicode(text: str) -> bool:
+    """Tell whether `text` is free of lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _parse_json(text: str, max_depth: int) -> object:
+    """Parse strict JSON: no duplicate keys, NaN, huge numbers, deep nesting or lone surrogates."""
+    _check_depth(text, max_depth)
+    try:
+        value: object = json.loads(
+            text,
+            object_pairs_hook=_no_duplicates,
+            parse_constant=_no_constant,
+            parse_int=_bounded_int,
+            parse_float=_finite_float,
+        )
+    except json.JSONDecodeError as exc:
+        detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise DecodeError(Reason.INVALID_JSON, detail) from None
+    except RecursionError:
+        raise DecodeError(Reason.INVALID_JSON, "nested too deeply") from None
+    # Lone surrogates can only come from \u escapes, so most bodies skip the walk.
+    if "\\u" in text:
+        path = _unencodable(value, "")
+        if path is not None:
+            detail = f"{path or 'top level'}: lone surrogate, not encodable as UTF-8"
+            raise DecodeError(Reason.INVALID_ENCODING, detail)
+    return value
+
+
+def _describe(exc: ValidationError) -> str:
+    """Summarise validation errors as `path: message`, joined with '; '."""
+    errors = exc.errors(include_url=False)
+    parts = [f"{_path(error)}: {error['msg']}" for error in errors[:_MAX_ERRORS]]
+    if len(errors) > _MAX_ERRORS:
+        parts.append(f"and {len(errors) - _MAX_ERRORS} more")
+    return "; ".join(parts)
+
+
+def _path(error: ErrorDetails) -> str:
+    """Render an error location like `metadata.tags[2]`."""
+    text = "".join(
+        f"[{part}]" if isinstance(part, int) else f".{_clip(part, _MAX_NAME)}"
+        for part in error["loc"]
+    )
+    return text.removeprefix(".") or "top level"
+
+
+def decode_item(
+    body: bytes, content_type: str | None, *, max_bytes: int = 1_048_576, max_depth: int = 32
+) -> MemoryItem:
+    """Decode a message body into a memory item or raise `DecodeError` saying why not."""
+    if len(body) > max_bytes:
+        raise DecodeError(Reason.TOO_LARGE, f"body is {len(body)} bytes, limit is {max_bytes}")
+    _check_content_type(content_type)
+    value = _parse_json(_decode_utf8(body), max_depth)
+    if not isinstance(value, dict):
+        kind = _JSON_TYPES.get(type(value), type(value).__name__)
+        raise DecodeError(Reason.SCHEMA, f"top level must be a JSON object, not {kind}")
+    try:
+        return MemoryItem.model_validate(value)
+    except ValidationError as exc:
+        raise DecodeError(Reason.SCHEMA, _describe(exc)) from None
+
+
+def _json_default(value: object) -> str:
+    """Serialise the one non-JSON type a valid item holds: a datetime timestamp."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def encode_item(item: MemoryItem) -> bytes:
+    """Encode an item as compact UTF-8 JSON that `decode_item` accepts."""
+    # Unset optional fields stay absent rather than becoming nulls. The stdlib encoder,
+    # unlike orjson, also writes integers wider than 64 bits, which decoding allows.
+    data = item.model_dump(exclude_unset=True)
+    text = json.dumps(
+        data, ensure_ascii=False, separators=(",", ":"), allow_nan=False, default=_json_default
+    )
+    return text.encode("utf-8")
+
+
+def idempotency_key(message_id: str | None, body: bytes) -> str:
+    """Return the message id if set, else a SHA-256 of the body."""
+    if message_id:
+        return message_id
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
+def item_from_dict(data: Mapping[str, object]) -> MemoryItem:
+    """Validate an item before publishing; raise `DecodeError(Reason.SCHEMA)` if invalid."""
+    try:
+        item = MemoryItem.model_validate(dict(data))
+    except ValidationError as exc:
+        raise DecodeError(Reason.SCHEMA, _describe(exc)) from None
+    # Extra metadata may hold anything; prove the worker will decode what gets published.
+    try:
+        decode_item(encode_item(item), None, max_bytes=sys.maxsize)
+    except DecodeError as exc:
+        raise DecodeError(Reason.SCHEMA, exc.detail) from None
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise DecodeError(Reason.SCHEMA, f"not encodable as JSON: {exc}") from None
+    return item

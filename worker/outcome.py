@@ -1,0 +1,152 @@
+"""The closed set of outcomes of one delivery, and the pure decision that settles it.
+
+Every delivery ends in exactly one :class:`Outcome`; :func:`classify` turns it into exactly
+one :class:`Decision`. Nothing here does I/O, so the whole delivery policy is one table test.
+"""
+
+from __future__ import annotations
+
+import enum
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+class Reason(enum.StrEnum):
+    """Why a message was dead-lettered; written to the `x-mw-reason` header."""
+
+    INVALID_ENCODING = "invalid_encoding"
+    INVALID_JSON = "invalid_json"
+    WRONG_CONTENT_TYPE = "wrong_content_type"
+    SCHEMA = "schema"
+    TOO_LARGE = "too_large"
+    REJECTED_BY_SINK = "rejected_by_sink"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    INTERNAL_ERROR = "internal_error"
+
+
+class Kind(enum.StrEnum):
+    """What happened to one delivery."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    INVALID = "invalid"
+    REJECTED = "rejected"
+    TRANSIENT = "transient"
+    TIMEOUT = "timeout"
+    CRASHED = "crashed"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """One delivery's result: its kind plus what the decision needs to know."""
+
+    kind: Kind
+    detail: str = ""
+    invalid_reason: Reason | None = None
+    retry_after_s: float | None = None
+
+    @classmethod
+    def stored(cls) -> Outcome:
+        """The sink confirmed the store."""
+        return cls(Kind.STORED)
+
+    @classmethod
+    def duplicate(cls) -> Outcome:
+        """This worker already stored the same idempotency key."""
+        return cls(Kind.DUPLICATE, "already stored")
+
+    @classmethod
+    def invalid(cls, reason: Reason, detail: str) -> Outcome:
+        """The message can never be stored as it is."""
+        return cls(Kind.INVALID, detail, invalid_reason=reason)
+
+    @classmethod
+    def rejected(cls, detail: str) -> Outcome:
+        """The sink refused the item for good."""
+        return cls(Kind.REJECTED, detail)
+
+    @classmethod
+    def transient(cls, detail: str, retry_after_s: float | None = None) -> Outcome:
+        """The sink may accept the item later."""
+        return cls(Kind.TRANSIENT, detail, retry_after_s=retry_after_s)
+
+    @classmethod
+    def timeout(cls, timeout_s: float) -> Outcome:
+        """The per-item timeout ran out."""
+        return cls(Kind.TIMEOUT, f"no answer within {timeout_s:g} s")
+
+    @classmethod
+    def crashed(cls, exc: BaseException) -> Outcome:
+        """An unexpected exception escaped the store path."""
+        return cls(Kind.CRASHED, f"{type(exc).__name__}: {exc}")
+
+    @classmethod
+    def cancelled(cls) -> Outcome:
+        """The worker is shutting down before the insert finished."""
+        return cls(Kind.CANCELLED, "worker shutting down")
+
+
+class Action(enum.StrEnum):
+    """How a delivery is settled."""
+
+    ACK = "ack"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+    REQUEUE = "requeue"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The one way a delivery is settled; `delay_s` only for retries, `reason` for dead letters."""
+
+    action: Action
+    reason: Reason | None = None
+    delay_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter, bounded by attempts and by total time."""
+
+    base_s: float = 1.0
+    cap_s: float = 120.0
+    budget_s: float = 600.0
+    max_attempts: int = 25
+
+    def backoff_s(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Full-jitter delay before attempt `attempt + 1` (attempt counts from 1)."""
+        ceiling = min(self.cap_s, self.base_s * 2.0 ** min(attempt - 1, 60))
+        return rand() * ceiling
+
+
+def classify(
+    outcome: Outcome,
+    attempt: int,
+    elapsed_s: float,
+    policy: RetryPolicy,
+    rand: Callable[[], float] = random.random,
+) -> Decision:
+    """Decide how to settle a delivery.
+
+    `attempt` is the attempt that just ended (1 for the first delivery); `elapsed_s` is the
+    time since its first failure. A cancelled insert is requeued, never dead-lettered: the
+    message did nothing wrong, the worker is leaving.
+    """
+    match outcome.kind:
+        case Kind.STORED | Kind.DUPLICATE:
+            return Decision(Action.ACK)
+        case Kind.CANCELLED:
+            return Decision(Action.REQUEUE)
+        case Kind.INVALID:
+            return Decision(Action.DEAD_LETTER, outcome.invalid_reason or Reason.SCHEMA)
+        case Kind.REJECTED:
+            return Decision(Action.DEAD_LETTER, Reason.REJECTED_BY_SINK)
+        case Kind.CRASHED:
+            return Decision(Action.DEAD_LETTER, Reason.INTERNAL_ERROR)
+        case Kind.TRANSIENT | Kind.TIMEOUT:
+            delay_s = max(policy.backoff_s(attempt, rand), outcome.retry_after_s or 0.0)
+            if attempt >= policy.max_attempts or elapsed_s + delay_s > policy.budget_s:
+                return Decision(Action.DEAD_LETTER, Reason.RETRIES_EXHAUSTED)
+            return Decision(Action.RETRY, delay_s=delay_s)

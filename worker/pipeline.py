@@ -1,0 +1,248 @@
+"""The bounded pipeline: decode, store with a timeout, classify, settle each delivery once.
+
+`Pipeline.handle` turns one delivery into one outcome and settles it exactly once, as soon
+as its own insert ends: there is no batch barrier, so a slow item never holds back others.
+`Dispatcher` bounds concurrency with a semaphore taken *before* a task exists, keeps every
+task in a set so none is lost, and drains within a grace period at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from worker.metrics import Metrics
+from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
+from worker.outcome import Action, Decision, Kind, Outcome, Reason, RetryPolicy, classify
+from worker.settings import Settings
+from worker.sink import Sink, StoreRequest
+from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
+
+log = structlog.get_logger("worker.pipeline")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A decision plus what a retry or dead letter must carry along."""
+
+    decision: Decision
+    outcome: Outcome
+    attempt: int
+    first_failure_ts: float | None
+
+
+class Delivery(Protocol):
+    """One message as the pipeline sees it; the consumer adapts aio-pika's message to this."""
+
+    body: bytes
+    content_type: str | None
+    message_id: str | None
+    headers: Mapping[str, Any]
+
+    @property
+    def redelivered(self) -> bool:
+        """Whether the broker delivered this message before."""
+        ...
+
+    async def settle(self, verdict: Verdict) -> bool:
+        """Ack, retry, dead-letter or requeue; False when the channel was already gone."""
+        ...
+
+
+class RecentKeys:
+    """A bounded LRU of idempotency keys this process has stored."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._keys: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def add(self, key: str) -> None:
+        """Remember a stored key, forgetting the oldest beyond the bound."""
+        if self._size <= 0:
+            return
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        if len(self._keys) > self._size:
+            self._keys.popitem(last=False)
+
+
+def previous_attempts(headers: Mapping[str, Any]) -> int:
+    """Attempts already made, from our own header (the broker's x-death is not ours to trust)."""
+    value = headers.get(H_ATTEMPTS)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def first_failure(headers: Mapping[str, Any]) -> float | None:
+    """Epoch seconds of the first failed attempt, if a previous attempt failed."""
+    # Integer milliseconds: AMQP float headers are 32-bit and would lose seconds of an epoch.
+    value = headers.get(H_FIRST_FAILURE_MS)
+    return value / 1000 if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class Pipeline:
+    """Stores items through a sink and settles deliveries; shared by the worker and library."""
+
+    def __init__(self, sink: Sink, settings: Settings, metrics: Metrics) -> None:
+        self._sink = sink
+        self._settings = settings
+        self._metrics = metrics
+        self._policy: RetryPolicy = settings.retry.policy
+        self._recent = RecentKeys(settings.worker.dedupe_cache_size)
+
+    async def store_item(self, item: MemoryItem, key: str) -> Outcome:
+        """Store one item within the per-item timeout; never raises for a failed store."""
+        if key in self._recent:
+            return Outcome.duplicate()
+        requests = self._requests(item, key)
+        if isinstance(requests, Outcome):
+            return requests
+        timeout_s = self._settings.sink.timeout_s
+        outcome = Outcome.transient("nothing stored")
+        self._metrics.insert_started()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout_s):
+                for request in requests:
+                    if request.key in self._recent:
+                        continue
+                    outcome = await self._sink.store(request)
+                    if outcome.kind is not Kind.STORED:
+                        break
+                    self._recent.add(request.key)
+        except TimeoutError:
+            outcome = Outcome.timeout(timeout_s)
+        finally:
+            stored = outcome.kind is Kind.STORED
+            self._metrics.insert_finished(stored, time.perf_counter() - started)
+        return outcome
+
+    def _requests(self, item: MemoryItem, key: str) -> list[StoreRequest] | Outcome:
+        metadata = item.metadata.model_dump(mode="json", exclude_none=True)
+        limit = self._settings.sink.max_content_chars
+        content = item.content
+        if len(content) <= limit:
+            return [StoreRequest(content, metadata, key)]
+        if self._settings.sink.oversize == "dead_letter":
+            detail = f"content has {len(content)} characters; the sink keeps at most {limit}"
+            return Outcome.invalid(Reason.TOO_LARGE, detail)
+        chunks = [content[i : i + limit] for i in range(0, len(content), limit)]
+        total = len(chunks)
+        return [
+            StoreRequest(chunk, metadata, f"{key}#{n}/{total}", (f"part:{n}/{total}", f"of:{key}"))
+            for n, chunk in enumerate(chunks, 1)
+        ]
+
+    async def handle(self, delivery: Delivery) -> Verdict:
+        """Turn one delivery into one outcome and settle it exactly once."""
+        started = time.perf_counter()
+        attempt = previous_attempts(delivery.headers) + 1
+        key = idempotency_key(delivery.message_id, delivery.body)
+        try:
+            outcome = await self._outcome(delivery, key)
+        except asyncio.CancelledError:
+            # Shutdown is not the message's fault: put it back, then let the cancel through.
+            await self._settle(delivery, Outcome.cancelled(), attempt, key, started)
+            raise
+        return await self._settle(delivery, outcome, attempt, key, started)
+
+    async def _outcome(self, delivery: Delivery, key: str) -> Outcome:
+        try:
+            item = decode_item(
+                delivery.body,
+                delivery.content_type,
+                max_bytes=self._settings.worker.max_body_bytes,
+                max_depth=self._settings.worker.max_json_depth,
+            )
+        except DecodeError as exc:
+            return Outcome.invalid(exc.reason, exc.detail)
+        try:
+            return await self.store_item(item, key)
+        except Exception as exc:
+            log.exception("store_crashed", idempotency_key=key)
+            return Outcome.crashed(exc)
+
+    async def _settle(
+        self, delivery: Delivery, outcome: Outcome, attempt: int, key: str, started: float
+    ) -> Verdict:
+        first = first_failure(delivery.headers)
+        failed = outcome.kind not in (Kind.STORED, Kind.DUPLICATE, Kind.CANCELLED)
+        if failed and first is None:
+            first = time.time()
+        elapsed_s = time.time() - first if first is not None else 0.0
+        decision = classify(outcome, attempt, elapsed_s, self._policy)
+        verdict = Verdict(decision, outcome, attempt, first)
+        settled = await delivery.settle(verdict)
+        reason = decision.reason.value if decision.reason else ""
+        self._metrics.settled(outcome.kind.value, decision.action.value, reason)
+        if not settled:
+            self._metrics.late_acks.inc()
+        log.log(
+            20 if decision.action in (Action.ACK, Action.REQUEUE) else 30,
+            "message_settled",
+            message_id=delivery.message_id,
+            idempotency_key=key,
+            attempt=attempt,
+            outcome=outcome.kind.value,
+            action=decision.action.value,
+            reason=reason or None,
+            detail=outcome.detail or None,
+            retry_in_s=round(decision.delay_s, 3) if decision.action is Action.RETRY else None,
+            latency_s=round(time.perf_counter() - started, 6),
+            settled=settled,
+        )
+        return verdict
+
+
+class Dispatcher:
+    """Runs `Pipeline.handle` for each delivery, never more than `limit` at once."""
+
+    def __init__(self, pipeline: Pipeline, limit: int) -> None:
+        self._pipeline = pipeline
+        self._slots = asyncio.Semaphore(limit)
+        self._tasks: set[asyncio.Task[Verdict]] = set()
+        self._closing = False
+
+    @property
+    def in_flight(self) -> int:
+        """Deliveries being handled now."""
+        return len(self._tasks)
+
+    async def submit(self, delivery: Delivery) -> None:
+        """Start handling a delivery once a slot is free; requeue it if we are draining."""
+        if not self._closing:
+            await self._slots.acquire()
+            if not self._closing:
+                task = asyncio.create_task(self._run(delivery))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+                return
+            self._slots.release()
+        attempt = previous_attempts(delivery.headers) + 1
+        await delivery.settle(Verdict(Decision(Action.REQUEUE), Outcome.cancelled(), attempt, None))
+
+    async def _run(self, delivery: Delivery) -> Verdict:
+        try:
+            return await self._pipeline.handle(delivery)
+        finally:
+            self._slots.release()
+
+    async def drain(self, grace_s: float) -> int:
+        """Stop taking work, let in-flight inserts finish within `grace_s`, requeue the rest."""
+        self._closing = True
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        return len(pending)

@@ -1,0 +1,237 @@
+"""The composition roots: `Service` (the worker process) and `MemoryInserter` (the library).
+
+Shutdown order matters and is written once, in `Service.__aexit__`: stop being ready, cancel
+the consumer so nothing new arrives, let in-flight inserts finish within the grace period,
+requeue the rest, then close the channel, the connection, the sink and the HTTP client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable, Mapping
+from contextlib import AsyncExitStack
+from types import TracebackType
+from typing import Any, Self
+
+import aio_pika
+import httpx
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from worker.consumer import Consumer
+from worker.metrics import Metrics
+from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
+from worker.ops import OpsServer
+from worker.outcome import Outcome
+from worker.pipeline import Dispatcher, Pipeline
+from worker.settings import Settings
+from worker.sink import HttpSink, McpSink, Sink, SinkConfigError, make_client
+from worker.topology import Topology
+
+log = structlog.get_logger("worker.service")
+
+
+class BrokerUnavailable(Exception):
+    """No broker answered within the startup wait."""
+
+
+def masked(url: str) -> str:
+    """A URL safe to log: the password replaced by `***`."""
+    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
+async def connect(settings: Settings) -> AbstractRobustConnection:
+    """Connect to the broker, retrying with backoff for up to `rabbitmq.startup_wait_s`."""
+    mq = settings.rabbitmq
+    url = mq.url.get_secret_value()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + mq.startup_wait_s
+    delay_s = 0.5
+    while True:
+        try:
+            return await aio_pika.connect_robust(
+                url,
+                timeout=mq.connect_timeout_s,
+                heartbeat=mq.heartbeat_s,
+                client_properties={"connection_name": f"memory-worker {settings.worker.id}"},
+            )
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            if loop.time() + delay_s > deadline:
+                raise BrokerUnavailable(f"no broker at {masked(url)}: {exc!r}") from None
+            log.warning("broker_unreachable", url=masked(url), error=repr(exc), retry_in_s=delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, 10.0)
+
+
+def make_sink(settings: Settings, client: httpx.AsyncClient) -> McpSink | HttpSink:
+    """The sink the settings name."""
+    url = str(settings.pools.session_buddy_url)
+    if settings.sink.kind == "http":
+        return HttpSink(client, url)
+    return McpSink(client, url, settings.sink)
+
+
+async def preflight_sink(sink: McpSink | HttpSink, tool: str) -> None:
+    """Refuse to start when Session-Buddy answers but lacks the tool; warn if it is down."""
+    if not isinstance(sink, McpSink):
+        return
+    try:
+        tools = await sink.list_tools()
+    except (httpx.HTTPError, SinkConfigError) as exc:
+        log.warning("sink_unreachable_at_start", error=repr(exc))
+        return
+    if tool not in tools:
+        raise SinkConfigError(f"Session-Buddy has no tool {tool!r} (it offers: {tools})")
+
+
+class Service:
+    """The worker: consume, store, settle, until `stop()`; then shut down in order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics(settings.concurrency)
+        self.topology = Topology.from_settings(settings)
+        self.ready = False
+        self.ops_port: int | None = None
+        self._stop = asyncio.Event()
+        self._stack = AsyncExitStack()
+        self._consumer: Consumer | None = None
+        self._dispatcher: Dispatcher | None = None
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        s = self.settings
+        structlog.contextvars.bind_contextvars(worker_id=s.worker.id)
+        if s.worker.ops_port >= 0:
+            ops = OpsServer(self.metrics, lambda: self.ready, s.worker.ops_host, s.worker.ops_port)
+            await self._stack.enter_async_context(ops)
+            self.ops_port = ops.port
+        client = await self._stack.enter_async_context(make_client(s))
+        sink = make_sink(s, client)
+        await self._stack.enter_async_context(sink)
+        await preflight_sink(sink, s.sink.tool)
+        connection = await connect(s)
+        self._stack.push_async_callback(connection.close)
+        if s.rabbitmq.declare:
+            await self.topology.declare(connection)
+        else:
+            await self.topology.check(connection)
+        self._dispatcher = Dispatcher(Pipeline(sink, s, self.metrics), s.concurrency)
+        self._consumer = Consumer(
+            connection, self.topology, self._dispatcher, s.prefetch, s.worker.id
+        )
+        self._stack.push_async_callback(self._consumer.close)
+        await self._consumer.start()
+        self.ready = True
+        log.info(
+            "worker_started",
+            queue=s.rabbitmq.queue,
+            concurrency=s.concurrency,
+            prefetch=s.prefetch,
+            sink=str(s.pools.session_buddy_url),
+            ops_port=self.ops_port,
+        )
+
+    def stop(self) -> None:
+        """Ask the worker to shut down; safe to call from a signal handler."""
+        self._stop.set()
+
+    async def wait(self) -> None:
+        """Run until `stop()` is called."""
+        await self._stop.wait()
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.ready = False
+        if self._consumer is not None:
+            await self._consumer.cancel()
+        requeued = 0
+        if self._dispatcher is not None:
+            requeued = await self._dispatcher.drain(self.settings.worker.grace_s)
+        await self._stack.aclose()
+        log.info("worker_stopped", requeued=requeued, **self.metrics.get_insertion_metrics())
+
+
+class MemoryInserter:
+    """ACT-008's in-process use: insert a batch in parallel, one outcome per item."""
+
+    def __init__(self, settings: Settings | None = None, sink: Sink | None = None) -> None:
+        self.settings = settings or Settings()
+        self.metrics = Metrics(self.settings.concurrency)
+        self._sink = sink
+        self._stack = AsyncExitStack()
+        self._pipeline: Pipeline | None = None
+
+    async def __aenter__(self) -> Self:
+        sink = self._sink
+        if sink is None:
+            client = await self._stack.enter_async_context(make_client(self.settings))
+            owned = make_sink(self.settings, client)
+            await self._stack.enter_async_context(owned)
+            sink = owned
+        self._pipeline = Pipeline(sink, self.settings, self.metrics)
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self._stack.aclose()
+
+    async def insert_batch(self, items: Iterable[MemoryItem | Mapping[str, Any]]) -> list[Outcome]:
+        """Store every item, at most `max_concurrent_memory_insertions` at once, in order."""
+        assert self._pipeline is not None, "use `async with MemoryInserter(...)`"
+        pipeline = self._pipeline
+        slots = asyncio.Semaphore(self.settings.concurrency)
+
+        async def insert(raw: MemoryItem | Mapping[str, Any]) -> Outcome:
+            async with slots:
+                try:
+                    item = raw if isinstance(raw, MemoryItem) else item_from_dict(raw)
+                except DecodeError as exc:
+                    return Outcome.invalid(exc.reason, exc.detail)
+                return await pipeline.store_item(item, idempotency_key(None, encode_item(item)))
+
+        return list(await asyncio.gather(*(insert(i) for i in items)))
+
+    def get_insertion_metrics(self) -> dict[str, Any]:
+        """ACT-008's metrics dict."""
+        return self.metrics.get_insertion_metrics()
+
+    def reset_metrics(self) -> None:
+        """Zero ACT-008's counters."""
+        self.metrics.reset_metrics()
+
+
+async def check(settings: Settings) -> dict[str, str | None]:
+    """Reach the broker and the sink once; map each to None (fine) or what failed."""
+    results: dict[str, str | None] = {}
+    url = settings.rabbitmq.url.get_secret_value()
+    try:
+        connection = await aio_pika.connect(url, timeout=settings.rabbitmq.connect_timeout_s)
+        await connection.close()
+        results[f"broker {masked(url)}"] = None
+    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+        results[f"broker {masked(url)}"] = repr(exc)
+    sink_url = str(settings.pools.session_buddy_url)
+    async with make_client(settings) as client, make_sink(settings, client) as sink:
+        try:
+            if isinstance(sink, McpSink):
+                tools = await sink.list_tools()
+                missing = settings.sink.tool not in tools
+                results[f"sink {sink_url}"] = f"no tool {settings.sink.tool!r}" if missing else None
+            else:
+                await client.head(sink_url)
+                results[f"sink {sink_url}"] = None
+        except (httpx.HTTPError, SinkConfigError) as exc:
+            results[f"sink {sink_url}"] = repr(exc)
+    return results

@@ -1,0 +1,212 @@
+"""Settings: committed YAML, a git-ignored local YAML, `MAHAVISHNU_*` env vars, then CLI flags.
+
+Later sources win. Every derived value (prefetch, HTTP pool size, retry policy) is computed
+here, in one place, so the consumer and the sink can never disagree about them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from worker.outcome import RetryPolicy
+
+DEFAULT_FILES = (Path("settings/mahavishnu.yaml"), Path("settings/local.yaml"))
+CONFIG_ENV = "MEMORY_WORKER_CONFIG"
+
+
+class PoolsSettings(BaseModel):
+    """ACT-008's `pools` section; shared with Mahavishnu, so unknown keys are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    enabled: bool = True
+    max_concurrent_memory_insertions: int = Field(
+        default=10,
+        ge=1,
+        le=50,
+        description="Maximum concurrent memory insertions to Session-Buddy (1-50)",
+    )
+    session_buddy_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8678/mcp")
+
+
+class RabbitMQSettings(BaseModel):
+    """Broker connection and the names of everything the worker declares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: SecretStr = SecretStr("amqp://guest:guest@localhost:5672/")
+    exchange: str = Field(default="memory", min_length=1)
+    queue: str = Field(default="memory.items", min_length=1)
+    dead_letter_queue: str = Field(default="memory.items.dlq", min_length=1)
+    queue_type: Literal["quorum", "classic"] = "quorum"
+    delivery_limit: int = Field(default=20, ge=1, le=1000)
+    declare: bool = True
+    heartbeat_s: int = Field(default=30, ge=0, le=600)
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    startup_wait_s: float = Field(default=60.0, ge=0, le=86_400)
+
+    @field_validator("url")
+    @classmethod
+    def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().startswith(("amqp://", "amqps://")):
+            raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        """Exchange that routes dead letters, ours and the broker's, to the DLQ."""
+        return f"{self.exchange}.dlx"
+
+    @property
+    def retry_exchange(self) -> str:
+        """Exchange that routes a retry to the wait queue of its delay tier."""
+        return f"{self.exchange}.retry"
+
+
+class SinkSettings(BaseModel):
+    """Where items are stored and how an item maps onto the store call."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["mcp", "http"] = "mcp"
+    token: SecretStr | None = None
+    tool: str = Field(default="store_reflection", min_length=1)
+    timeout_s: float = Field(default=30.0, gt=0, le=3600, description="Per-item timeout")
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
+    max_content_chars: int = Field(default=10_000, ge=1)
+    oversize: Literal["dead_letter", "split"] = "dead_letter"
+    tag_fields: list[str] = Field(
+        default_factory=lambda: ["type", "pool_id", "pool_type", "worker_id", "status", "exit_code"]
+    )
+    static_tags: list[str] = Field(default_factory=list)
+    project_field: str | None = "pool_id"
+    project: str | None = None
+
+
+class RetrySettings(BaseModel):
+    """Backoff for transient failures; waits happen in broker-side delay queues."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_s: float = Field(default=1.0, gt=0, le=3600)
+    cap_s: float = Field(default=120.0, gt=0, le=86_400)
+    budget_s: float = Field(default=600.0, ge=0, le=7 * 86_400)
+    max_attempts: int = Field(default=25, ge=1, le=1000)
+    tiers_s: list[float] = Field(
+        default_factory=lambda: [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0]
+    )
+
+    @field_validator("tiers_s")
+    @classmethod
+    def _sorted_positive(cls, value: list[float]) -> list[float]:
+        if not value or any(t <= 0 for t in value):
+            raise ValueError("needs at least one delay, all > 0")
+        return sorted(set(value))
+
+    @property
+    def policy(self) -> RetryPolicy:
+        """The pure retry policy used by `classify`."""
+        return RetryPolicy(self.base_s, self.cap_s, self.budget_s, self.max_attempts)
+
+
+class WorkerSettings(BaseModel):
+    """Process-level behaviour: identity, shutdown, ops port, logs, input limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    grace_s: float = Field(default=25.0, ge=0, le=3600)
+    ops_host: str = "127.0.0.1"
+    ops_port: int = Field(default=9464, ge=-1, le=65535)
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, le=128 * 1024 * 1024)
+    max_json_depth: int = Field(default=32, ge=2, le=1000)
+    dedupe_cache_size: int = Field(default=100_000, ge=0)
+
+
+class Settings(BaseSettings):
+    """All of memory-worker's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MAHAVISHNU_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    pools: PoolsSettings = Field(default_factory=PoolsSettings)
+    rabbitmq: RabbitMQSettings = Field(default_factory=RabbitMQSettings)
+    sink: SinkSettings = Field(default_factory=SinkSettings)
+    retry: RetrySettings = Field(default_factory=RetrySettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        files = _config_files()
+        yaml_sources = [
+            YamlConfigSettingsSource(settings_cls, yaml_file=f) for f in reversed(files)
+        ]
+        return (init_settings, env_settings, *yaml_sources)
+
+    @property
+    def concurrency(self) -> int:
+        """The concurrency limit: ACT-008's `max_concurrent_memory_insertions`."""
+        return self.pools.max_concurrent_memory_insertions
+
+    @property
+    def prefetch(self) -> int:
+        """Prefetch equals the concurrency limit: every delivered message can start at once."""
+        return self.concurrency
+
+
+def _config_files() -> list[Path]:
+    explicit = os.environ.get(CONFIG_ENV)
+    if explicit:
+        return [Path(p) for p in explicit.split(os.pathsep) if p]
+    return [p for p in DEFAULT_FILES if p.exists()]
+
+
+class SettingsError(Exception):
+    """Invalid settings; the message names every offending field."""
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Load settings from all sources, raising `SettingsError` with readable field names."""
+    for path in _config_files():
+        if not path.is_file():
+            raise SettingsError(f"settings file {path}: not found")
+    try:
+        return Settings(**(overrides or {}))
+    except PydanticValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed YAML
+        raise SettingsError(f"settings files: {exc}") from None
+
+
+def _describe(exc: PydanticValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in err["loc"])
+        env = "MAHAVISHNU_" + "__".join(str(p).upper() for p in err["loc"])
+        lines.append(f"{field} ({env}): {err['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
