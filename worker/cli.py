@@ -116,6 +116,8 @@ def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     """Publish sample items to a local stand-in Session-Buddy and show what happens."""
     from worker.demo import run_demo
 
+    # The demo reports every outcome itself; per-message log lines would bury the display.
+    configure_logging("console", "error")
     return run_async(run_demo(settings, items=args.items, latency_ms=args.latency_ms))
 
 

@@ -9,6 +9,7 @@ and per-item latency formulas meaningful for both the worker and the in-process 
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -46,6 +47,7 @@ class Metrics:
             registry=self.registry,
         )
         self.limit_gauge.set(max_concurrent_insertions)
+        self.counts: Tally[str] = Tally()
         self.in_flight = 0
         self.reset_metrics()
 
@@ -80,6 +82,8 @@ class Metrics:
     def settled(self, outcome: str, action: str, reason: str = "") -> None:
         """Count one settled delivery."""
         self.messages.labels(outcome, action, reason).inc()
+        self.counts[action] += 1
+        self.counts[f"outcome:{outcome}"] += 1
 
     def get_insertion_metrics(self) -> dict[str, Any]:
         """ACT-008's metrics dict, with exactly its keys."""
