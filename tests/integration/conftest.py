@@ -1,0 +1,112 @@
+"""Fixtures for integration tests: a real RabbitMQ broker and per-test names."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+import aio_pika
+import pytest
+
+from worker.settings import Settings, load_settings
+from worker.topology import Topology
+
+URL_ENV = "MEMORY_WORKER_TEST_AMQP_URL"
+LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+
+def _answers(url: str) -> bool:
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname or "127.0.0.1", parsed.port or 5672), 1):
+            return True
+    except OSError:
+        return False
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=2).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> Iterator[str]:
+    """A broker: $MEMORY_WORKER_TEST_AMQP_URL, else a testcontainer, else localhost:5672."""
+    explicit = os.environ.get(URL_ENV)
+    if explicit:
+        yield explicit
+        return
+    if _docker_answers():
+        from testcontainers.rabbitmq import RabbitMqContainer
+
+        with RabbitMqContainer("rabbitmq:3.13-management") as container:
+            host, port = container.get_container_host_ip(), container.get_exposed_port(5672)
+            yield f"amqp://guest:guest@{host}:{port}/"
+        return
+    if _answers(LOCAL_URL):
+        yield LOCAL_URL
+        return
+    message = f"no RabbitMQ: set {URL_ENV}, start Docker, or run one on 127.0.0.1:5672"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture
+def make_settings(amqp_url: str) -> Iterator[Any]:
+    """Build Settings on unique per-test names; their queues are deleted at teardown."""
+    prefix = f"t-{uuid.uuid4().hex[:10]}"
+    made: list[Settings] = []
+
+    def build(**sections: dict[str, Any]) -> Settings:
+        base: dict[str, dict[str, Any]] = {
+            "rabbitmq": {
+                "url": amqp_url,
+                "exchange": prefix,
+                "queue": f"{prefix}.items",
+                "dead_letter_queue": f"{prefix}.items.dlq",
+                "startup_wait_s": 5,
+            },
+            "retry": {"tiers_s": [0.2, 0.5], "base_s": 0.1, "cap_s": 0.5},
+            "worker": {"ops_port": -1, "grace_s": 5, "log_format": "json"},
+        }
+        for name, values in sections.items():
+            base.setdefault(name, {}).update(values)
+        settings = load_settings(base)
+        made.append(settings)
+        return settings
+
+    yield build
+    if made:
+        import asyncio
+
+        asyncio.run(_delete(made[0]))
+
+
+async def _delete(settings: Settings) -> None:
+    topology = Topology.from_settings(settings)
+    connection = await aio_pika.connect(settings.rabbitmq.url.get_secret_value())
+    async with connection:
+        channel = await connection.channel()
+        queues = [topology.queue, topology.dead_letter_queue, *(t.queue for t in topology.tiers)]
+        for name in queues:
+            await channel.queue_delete(name)
+        for name in (topology.exchange, topology.retry_exchange, topology.dead_letter_exchange):
+            await channel.exchange_delete(name)
+
+
+@pytest.fixture
+async def connection(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobustConnection]:
+    """A plain connection for publishing and inspecting queues in tests."""
+    conn = await aio_pika.connect_robust(amqp_url)
+    async with conn:
+        yield conn

@@ -1,0 +1,115 @@
+"""Helpers for integration tests: publish, wait, read queues, run the worker as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from worker.publisher import Publisher
+from worker.settings import Settings
+from worker.topology import Topology
+
+
+def item(n: int, pool: str = "pool-1", content: str | None = None) -> dict[str, Any]:
+    """A valid memory item."""
+    return {
+        "content": content if content is not None else f"memory item {n}",
+        "metadata": {
+            "type": "task_result",
+            "pool_id": pool,
+            "pool_type": "mahavishnu",
+            "worker_id": f"w-{n % 3}",
+            "status": "completed",
+            "timestamp": 1_764_000_000.0 + n,
+        },
+    }
+
+
+async def publish_items(
+    connection: AbstractRobustConnection, settings: Settings, count: int, start: int = 0
+) -> list[str]:
+    """Declare the topology and publish `count` valid items; returns their keys."""
+    topology = Topology.from_settings(settings)
+    await topology.declare(connection)
+    async with Publisher(connection, topology) as publisher:
+        return list(
+            await asyncio.gather(
+                *(publisher.publish_item(item(n)) for n in range(start, start + count))
+            )
+        )
+
+
+async def wait_until(condition: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    """Poll until `condition()` holds; fail the test with a clear message otherwise."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(0.02)
+
+
+async def depth(connection: AbstractRobustConnection, queue: str) -> int:
+    """Messages ready in a queue (not counting unacked ones)."""
+    async with connection.channel() as channel:
+        declared = await channel.declare_queue(queue, passive=True)
+        return declared.declaration_result.message_count or 0
+
+
+async def take_all(
+    connection: AbstractRobustConnection, queue: str
+) -> list[AbstractIncomingMessage]:
+    """Remove and return every message in a queue."""
+    messages = []
+    async with connection.channel() as channel:
+        declared = await channel.declare_queue(queue, passive=True)
+        while (message := await declared.get(no_ack=True, fail=False)) is not None:
+            messages.append(message)
+    return messages
+
+
+def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment that makes `memory-worker run` use these settings."""
+    env = dict(os.environ)
+    mq, pools = settings.rabbitmq, settings.pools
+    env.update(
+        {
+            "MAHAVISHNU_RABBITMQ__URL": mq.url.get_secret_value(),
+            "MAHAVISHNU_RABBITMQ__EXCHANGE": mq.exchange,
+            "MAHAVISHNU_RABBITMQ__QUEUE": mq.queue,
+            "MAHAVISHNU_RABBITMQ__DEAD_LETTER_QUEUE": mq.dead_letter_queue,
+            "MAHAVISHNU_RABBITMQ__QUEUE_TYPE": mq.queue_type,
+            "MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S": "5",
+            "MAHAVISHNU_POOLS__SESSION_BUDDY_URL": str(pools.session_buddy_url),
+            "MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS": str(settings.concurrency),
+            "MAHAVISHNU_RETRY__TIERS_S": "[" + ",".join(map(str, settings.retry.tiers_s)) + "]",
+            "MAHAVISHNU_WORKER__GRACE_S": str(settings.worker.grace_s),
+            "MAHAVISHNU_WORKER__OPS_PORT": "-1",
+            "MAHAVISHNU_WORKER__LOG_FORMAT": "json",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+async def start_worker_process(env: dict[str, str]) -> asyncio.subprocess.Process:
+    """Start `python -m worker run` as a separate process."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        "run",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+def headers(message: AbstractIncomingMessage) -> dict[str, Any]:
+    """A message's headers as a plain dict."""
+    return dict(message.headers or {})
