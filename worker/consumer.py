@@ -191,7 +191,8 @@ class Consumer:
 
     async def start(self) -> None:
         """Open the channel, set QoS, and start consuming."""
-        channel = await self._connection.channel(publisher_confirms=True)
+        # Without on_return_raises an unroutable retry or dead letter would count as confirmed.
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         await channel.set_qos(prefetch_count=self._prefetch)
         outbox = Outbox(channel, self._topology, self._worker_id)

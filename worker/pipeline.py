@@ -106,7 +106,7 @@ class Pipeline:
         if isinstance(requests, Outcome):
             return requests
         timeout_s = self._settings.sink.timeout_s
-        outcome = Outcome.transient("nothing stored")
+        outcome = Outcome.duplicate()  # stays so only if every part was stored before
         self._metrics.insert_started()
         started = time.perf_counter()
         try:
@@ -118,6 +118,8 @@ class Pipeline:
                     if outcome.kind is not Kind.STORED:
                         break
                     self._recent.add(request.key)
+                else:
+                    self._recent.add(key)  # every part stored: a redelivery is a duplicate
         except TimeoutError:
             outcome = Outcome.timeout(timeout_s)
         finally:
@@ -140,6 +142,12 @@ class Pipeline:
             StoreRequest(chunk, metadata, f"{key}#{n}/{total}", (f"part:{n}/{total}", f"of:{key}"))
             for n, chunk in enumerate(chunks, 1)
         ]
+
+    async def requeue(self, delivery: Delivery) -> Verdict:
+        """Hand a delivery back untouched because the worker is stopping; logged like any other."""
+        attempt = previous_attempts(delivery.headers) + 1
+        key = idempotency_key(delivery.message_id, delivery.body)
+        return await self._settle(delivery, Outcome.cancelled(), attempt, key, time.perf_counter())
 
     async def handle(self, delivery: Delivery) -> Verdict:
         """Turn one delivery into one outcome and settle it exactly once."""
@@ -223,11 +231,16 @@ class Dispatcher:
             if not self._closing:
                 task = asyncio.create_task(self._run(delivery))
                 self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                task.add_done_callback(self._reap)
                 return
             self._slots.release()
-        attempt = previous_attempts(delivery.headers) + 1
-        await delivery.settle(Verdict(Decision(Action.REQUEUE), Outcome.cancelled(), attempt, None))
+        await self._pipeline.requeue(delivery)
+
+    def _reap(self, task: asyncio.Task[Verdict]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Settling raised something the consumer does not know; the broker redelivers.
+            log.error("delivery_task_failed", error=repr(exc))
 
     async def _run(self, delivery: Delivery) -> Verdict:
         try:

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import (
@@ -199,7 +200,7 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         return Settings(**(overrides or {}))
     except PydanticValidationError as exc:
         raise SettingsError(_describe(exc)) from None
-    except (OSError, ValueError) as exc:  # unreadable or malformed YAML
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # unreadable or malformed YAML
         raise SettingsError(f"settings files: {exc}") from None
 
 

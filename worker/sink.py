@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import email.utils
 import itertools
+import math
 import re
 import time
 from collections.abc import Mapping, Sequence
@@ -77,10 +78,14 @@ def retry_after_s(response: httpx.Response) -> float | None:
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        parsed = email.utils.parsedate_to_datetime(value) if value else None
-        return None if parsed is None else max(0.0, parsed.timestamp() - time.time())
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None  # neither delta-seconds nor an HTTP date: ignore it
+        return max(0.0, parsed.timestamp() - time.time())
+    return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
 def _clip(text: str) -> str:
@@ -212,7 +217,10 @@ class McpSink:
         response = await self._post(payload, session)
         if response.status_code != 200:
             raise SinkConfigError(f"tools/list: HTTP {response.status_code}")
-        answer = _rpc_answer(response, request_id)
+        try:
+            answer = _rpc_answer(response, request_id)
+        except orjson.JSONDecodeError as exc:
+            raise SinkConfigError(f"tools/list: unreadable answer: {exc}") from None
         tools = (answer or {}).get("result", {}).get("tools", [])
         return [str(t.get("name")) for t in tools]
 
@@ -231,7 +239,11 @@ class McpSink:
             raise SessionLost
         if response.status_code != 200:
             return _http_failure(response)
-        answer = _rpc_answer(response, request_id)
+        try:
+            answer = _rpc_answer(response, request_id)
+        except orjson.JSONDecodeError as exc:
+            # A proxy page or a truncated stream: the server's problem, not the item's.
+            return Outcome.transient(_clip(f"unreadable answer: {exc}"))
         if answer is None:
             return Outcome.transient("no JSON-RPC answer in the response")
         if "error" in answer:

@@ -26,6 +26,7 @@ H_REASON = "x-mw-reason"
 H_DETAIL = "x-mw-detail"
 H_WORKER = "x-mw-worker"
 H_QUEUE = "x-mw-queue"
+DLQ_DELIVERY_LIMIT = 1_000_000
 
 
 class TopologyError(Exception):
@@ -103,7 +104,12 @@ class Topology:
 
     def dead_letter_queue_arguments(self) -> dict[str, Any]:
         """Arguments of the DLQ."""
-        return {"x-queue-type": self.queue_type}
+        args: dict[str, Any] = {"x-queue-type": self.queue_type}
+        if self.queue_type == "quorum":
+            # Operators read the DLQ by taking and returning messages; on RabbitMQ 4.x the default
+            # quorum delivery limit (20) would otherwise drop a dead letter after ~20 reads.
+            args["x-delivery-limit"] = DLQ_DELIVERY_LIMIT
+        return args
 
     async def declare(self, connection: AbstractRobustConnection) -> None:
         """Declare everything idempotently; raise `TopologyError` naming any disagreement."""
