@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
     for command in (run, check, demo):
         add_settings_flags(command)
+    from worker.commands import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -1,40 +1,141 @@
 """Confirmed publishing of memory items: for pool managers, replays, the demo and load tests.
 
-A publish returns only once the broker confirmed it; an unroutable item (mandatory flag) or a
-broker nack raises `PublishFailed`. Nothing is ever assumed published.
+A publish returns only once the broker confirmed it; anything else raises, so nothing is ever
+assumed published:
+
+    PublishFailed           the broker did not confirm the publish (a timeout, for one)
+    ├── Unroutable          the mandatory publish came back: no queue is bound for it
+    ├── Refused             the broker nacked it (a full quorum queue with reject-publish)
+    ├── ConnectionLost      the channel or connection closed before the confirm arrived
+    │   └── BrokerUnreachable   no connection could be opened at all
+    └── BatchFailed         some items of `publish_many` failed; `.failures` says which
+    DecodeError             (worker.models) the item is invalid; it was never sent
+
+A lost confirm does not mean the broker dropped the message, so a retry may store a duplicate;
+the message id is the item's idempotency key, which the worker uses to drop such duplicates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
+from urllib.parse import urlparse
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
-from worker.models import MemoryItem, encode_item, idempotency_key, item_from_dict
+from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
+from worker.outcome import Reason
+from worker.settings import Settings
 from worker.topology import Topology
 
 CONFIRM_TIMEOUT_S = 30.0
+MAX_OUTSTANDING = 256
+
+ItemLike = MemoryItem | Mapping[str, Any]
+T = TypeVar("T")
 
 
 class PublishFailed(Exception):
     """The broker did not confirm a publish."""
 
 
+class Unroutable(PublishFailed):
+    """The broker returned a mandatory publish: no queue is bound for its routing key."""
+
+
+class Refused(PublishFailed):
+    """The broker nacked the publish."""
+
+
+class ConnectionLost(PublishFailed):
+    """The channel or connection closed before the broker confirmed."""
+
+
+class BrokerUnreachable(ConnectionLost):
+    """No connection to the broker could be opened."""
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """What happened to one item of a batch: its message id, or why it was not confirmed."""
+
+    index: int
+    message_id: str | None
+    error: DecodeError | PublishFailed | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the broker confirmed this item."""
+        return self.error is None
+
+
+class BatchFailed(PublishFailed):
+    """Some items of a batch were not confirmed."""
+
+    def __init__(self, failures: list[PublishResult]) -> None:
+        self.failures = failures
+        shown = ", ".join(f"#{f.index}: {f.error}" for f in failures[:3])
+        more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
+        super().__init__(f"{len(failures)} item(s) not confirmed ({shown}{more})")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """Per-item results of `publish_many`, in input order."""
+
+    results: tuple[PublishResult, ...]
+
+    @property
+    def published(self) -> int:
+        """How many items the broker confirmed."""
+        return sum(1 for r in self.results if r.ok)
+
+    @property
+    def failures(self) -> list[PublishResult]:
+        """The items that were not confirmed."""
+        return [r for r in self.results if not r.ok]
+
+    def raise_for_failures(self) -> None:
+        """Raise `BatchFailed` naming the failed items, if there are any."""
+        failures = self.failures
+        if failures:
+            raise BatchFailed(failures)
+
+
 class Publisher:
     """Publishes items to the work exchange on a channel with publisher confirms."""
 
-    def __init__(self, connection: AbstractConnection, topology: Topology) -> None:
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        topology: Topology,
+        *,
+        confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
+        max_body_bytes: int | None = None,
+    ) -> None:
         self._connection = connection
         self._topology = topology
+        self._timeout_s = confirm_timeout_s
+        self._max_body_bytes = max_body_bytes
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
     async def __aenter__(self) -> Self:
-        self._channel = await self._connection.channel(publisher_confirms=True)
+        # on_return_raises: without it aio-pika reports an unroutable mandatory publish as a
+        # successful result, and the item would be silently lost.
+        self._channel = await self._connection.channel(
+            publisher_confirms=True, on_return_raises=True
+        )
         self._exchange = await self._channel.get_exchange(self._topology.exchange, ensure=False)
         return self
 
@@ -42,13 +143,28 @@ class Publisher:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         if self._channel is not None and not self._channel.is_closed:
-            await self._channel.close()
+            # A dead connection has nothing left to flush.
+            with contextlib.suppress(*CONNECTION_EXCEPTIONS):
+                await self._channel.close()
 
-    async def publish_item(self, item: MemoryItem | Mapping[str, Any]) -> str:
-        """Validate and publish one item; returns its idempotency key (the message id)."""
-        model = item if isinstance(item, MemoryItem) else item_from_dict(item)
+    def encode(self, item: ItemLike) -> tuple[bytes, str]:
+        """Validate an item as the worker will and return its body and idempotency key."""
+        if isinstance(item, MemoryItem):
+            item = item.model_dump(exclude_unset=True)
+        elif not isinstance(item, Mapping):
+            raise DecodeError(
+                Reason.SCHEMA, f"an item must be an object, not {type(item).__name__}"
+            )
+        model = item_from_dict(item)
         body = encode_item(model)
-        key = idempotency_key(None, body)
+        if self._max_body_bytes is not None and len(body) > self._max_body_bytes:
+            detail = f"body is {len(body)} bytes, limit is {self._max_body_bytes}"
+            raise DecodeError(Reason.TOO_LARGE, detail)
+        return body, idempotency_key(None, body)
+
+    async def publish_item(self, item: ItemLike) -> str:
+        """Validate and publish one item; returns its idempotency key (the message id)."""
+        body, key = self.encode(item)
         await self.publish_raw(body, message_id=key)
         return key
 
@@ -62,20 +178,191 @@ class Publisher:
         routing_key: str | None = None,
     ) -> None:
         """Publish bytes as they are (replays and tests); raise `PublishFailed` if unconfirmed."""
-        assert self._exchange is not None, "use `async with Publisher(...)`"
         message = aio_pika.Message(
             body=body,
             content_type=content_type,
             message_id=message_id,
             headers=dict(headers or {}),
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=time.time(),
+            app_id="memory-worker",
         )
+        await self.publish_message(message, routing_key=routing_key)
+
+    async def publish_message(
+        self, message: aio_pika.Message, *, routing_key: str | None = None
+    ) -> None:
+        """Publish a prepared message, mandatory, and wait for the broker's confirm."""
+        assert self._exchange is not None, "use `async with Publisher(...)`"
+        key = routing_key or self._topology.queue
         try:
-            await self._exchange.publish(
-                message,
-                routing_key or self._topology.queue,
-                mandatory=True,
-                timeout=CONFIRM_TIMEOUT_S,
-            )
-        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-            raise PublishFailed(f"publish not confirmed: {exc!r}") from exc
+            await self._exchange.publish(message, key, mandatory=True, timeout=self._timeout_s)
+        except PublishError as exc:
+            raise Unroutable(f"no queue bound for {self._topology.exchange!r}/{key!r}") from exc
+        except DeliveryError as exc:
+            raise Refused(f"broker refused the publish: {exc!r}") from exc
+        except TimeoutError as exc:
+            raise PublishFailed(f"no confirm within {self._timeout_s:g} s") from exc
+        except aiormq.exceptions.ChannelNotFoundEntity as exc:
+            raise Unroutable(f"exchange {self._topology.exchange!r} does not exist") from exc
+        except CONNECTION_EXCEPTIONS as exc:
+            raise ConnectionLost(f"connection lost before the confirm: {exc!r}") from exc
+
+    async def publish_many(
+        self,
+        items: Iterable[ItemLike] | AsyncIterable[ItemLike],
+        *,
+        max_outstanding: int = MAX_OUTSTANDING,
+        on_result: Callable[[PublishResult], None] | None = None,
+    ) -> BatchResult:
+        """Publish items with at most `max_outstanding` confirms pending; failures are results."""
+        if max_outstanding < 1:
+            raise ValueError("max_outstanding must be at least 1")
+        slots = asyncio.Semaphore(max_outstanding)
+        tasks: list[asyncio.Task[PublishResult]] = []
+
+        async def one(index: int, item: ItemLike) -> PublishResult:
+            try:
+                result = await self._result(index, item)
+            finally:
+                slots.release()
+            if on_result is not None:
+                on_result(result)
+            return result
+
+        try:
+            async for index, item in _enumerate(items):
+                # The slot is taken before the task exists, so a long input never piles up tasks.
+                await slots.acquire()
+                tasks.append(asyncio.create_task(one(index, item)))
+            return BatchResult(tuple(await asyncio.gather(*tasks)))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def _result(self, index: int, item: ItemLike) -> PublishResult:
+        try:
+            body, key = self.encode(item)
+        except DecodeError as exc:
+            return PublishResult(index, None, exc)
+        try:
+            await self.publish_raw(body, message_id=key)
+        except PublishFailed as exc:
+            return PublishResult(index, key, exc)
+        return PublishResult(index, key)
+
+
+async def _enumerate(
+    items: Iterable[ItemLike] | AsyncIterable[ItemLike],
+) -> AsyncIterator[tuple[int, ItemLike]]:
+    if isinstance(items, AsyncIterable):
+        index = 0
+        async for item in items:
+            yield index, item
+            index += 1
+    else:
+        for index, item in enumerate(items):
+            yield index, item
+
+
+async def connect(
+    settings: Settings, *, purpose: str, robust: bool = True
+) -> aio_pika.abc.AbstractConnection:
+    """Open a named connection; raise `BrokerUnreachable` if the broker does not answer."""
+    mq = settings.rabbitmq
+    url = mq.url.get_secret_value()
+    opener = aio_pika.connect_robust if robust else aio_pika.connect
+    try:
+        return await opener(
+            url,
+            timeout=mq.connect_timeout_s,
+            heartbeat=mq.heartbeat_s,
+            client_properties={"connection_name": f"memory-worker {purpose} {settings.worker.id}"},
+        )
+    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+        where = urlparse(url)
+        raise BrokerUnreachable(
+            f"no broker at {where.hostname}:{where.port or 5672}: {exc!r}"
+        ) from None
+
+
+@asynccontextmanager
+async def open_publisher(
+    settings: Settings, *, purpose: str = "publisher", robust: bool = True
+) -> AsyncIterator[Publisher]:
+    """A connected `Publisher` for these settings; closes its connection on exit."""
+    connection = await connect(settings, purpose=purpose, robust=robust)
+    topology = Topology.from_settings(settings)
+    async with (
+        connection,
+        Publisher(connection, topology, max_body_bytes=settings.worker.max_body_bytes) as publisher,
+    ):
+        yield publisher
+
+
+class BlockingPublisher:
+    """A `Publisher` for code that is not async: its own event loop runs in a background thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stack = AsyncExitStack()
+        self._publisher: Publisher | None = None
+
+    def __enter__(self) -> Self:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=loop.run_forever, name="memory-worker-publisher", daemon=True
+        )
+        self._thread.start()
+        try:
+            opened = self._stack.enter_async_context(open_publisher(self._settings))
+            self._publisher = self._call(opened)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def publish_item(self, item: ItemLike) -> str:
+        """Validate and publish one item; returns its message id once confirmed."""
+        assert self._publisher is not None, "use `with BlockingPublisher(...)`"
+        return self._call(self._publisher.publish_item(item))
+
+    def publish_many(
+        self, items: Iterable[ItemLike], *, max_outstanding: int = MAX_OUTSTANDING
+    ) -> BatchResult:
+        """Publish every item with at most `max_outstanding` confirms pending."""
+        assert self._publisher is not None, "use `with BlockingPublisher(...)`"
+        return self._call(self._publisher.publish_many(items, max_outstanding=max_outstanding))
+
+    def close(self) -> None:
+        """Close the channel and connection, then stop the loop thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        try:
+            self._call(self._stack.aclose())
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+            self._loop = self._thread = self._publisher = None
+
+    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
+        assert self._loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+
+def publish_items_sync(items: Iterable[ItemLike], settings: Settings) -> BatchResult:
+    """Publish items from code that is not async; returns per-item results."""
+    with BlockingPublisher(settings) as publisher:
+        return publisher.publish_many(items)
