@@ -1,0 +1,1 @@
+"""Load tests and benchmarks for memory-worker: `python -m loadtest.bench --help`."""

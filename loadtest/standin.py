@@ -1,0 +1,88 @@
+"""The stand-in Session-Buddy for benchmarks: `worker.standin` plus per-key arrival times.
+
+`python -m loadtest.standin --port P` serves exactly what `python -m worker.standin` serves and
+also records when each idempotency key was stored (CLOCK_MONOTONIC, which every process on the
+machine shares), so the runner can compute end-to-end latency per item and throughput over any
+window. The arrivals are served on a second loopback port (`GET /arrivals` answers
+`{"keys": [...], "t": [...]}` for rows stored since the last reset) so that this file hooks
+into a single method of the stand-in, `_store`. It prints the MCP URL, then the arrivals URL.
+Every other knob is set through the stand-in's own `/_standin/*` control routes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from typing import Any
+
+import orjson
+import uvloop
+from aiohttp import web
+
+from worker.standin import StandIn, StandInConfig
+
+
+class BenchStandIn(StandIn):
+    """A stand-in that remembers when each key was stored and keeps no rows."""
+
+    def __init__(self, config: StandInConfig, host: str, port: int) -> None:
+        super().__init__(config, host=host, port=port)
+        self._arrival_keys: list[str] = []
+        self._arrival_t: list[float] = []
+
+    def reset(self) -> None:
+        """Zero the counters and forget arrivals."""
+        super().reset()
+        self._arrival_keys = []
+        self._arrival_t = []
+
+    def _store(
+        self, content: str, tags: list[str], key: str | None, row: dict[str, Any]
+    ) -> list[str]:
+        stored_tags = super()._store(content, tags, key, row)
+        self._arrival_keys.append(key or "")
+        self._arrival_t.append(time.monotonic())
+        return stored_tags
+
+    async def arrivals(self, _: web.Request) -> web.Response:
+        """Keys and store times since the last reset, in store order."""
+        body = orjson.dumps({"keys": self._arrival_keys, "t": self._arrival_t})
+        return web.Response(body=body, content_type="application/json")
+
+
+async def _serve(port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # max_items=1: the benchmark needs counts and arrival times, not the stored rows.
+    standin = BenchStandIn(StandInConfig(max_items=1), "127.0.0.1", port)
+    async with standin:
+        app = web.Application()
+        app.router.add_get("/arrivals", standin.arrivals)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        try:
+            print(standin.url, flush=True)
+            print(f"http://127.0.0.1:{runner.addresses[0][1]}/arrivals", flush=True)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve on loopback until SIGTERM or SIGINT, printing the MCP URL once listening."""
+    parser = argparse.ArgumentParser(prog="python -m loadtest.standin", description=__doc__)
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    args = parser.parse_args(argv)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(args.port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
