@@ -1,0 +1,38 @@
+"""The `memory-worker check` command against a real broker and the stand-in."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from tests.integration.helpers import worker_env
+from worker.standin import StandIn
+
+pytestmark = pytest.mark.integration
+
+
+async def _check(env: dict[str, str]) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "check", env=env, stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stdout.decode()
+
+
+async def test_check_passes_when_broker_and_sink_answer(make_settings):
+    """`check` exits 0 and says ok for the broker and for Session-Buddy."""
+    async with StandIn() as sb:
+        code, out = await _check(worker_env(make_settings(pools={"session_buddy_url": sb.url})))
+    assert code == 0, out
+    assert "broker amqp://guest:***@" in out and f"sink {sb.url}: ok" in out
+
+
+async def test_check_names_the_sink_that_does_not_answer(make_settings):
+    """`check` exits 1 and names Session-Buddy when nothing listens at its URL."""
+    url = "http://127.0.0.1:9/mcp"
+    code, out = await _check(worker_env(make_settings(pools={"session_buddy_url": url})))
+    assert code == 1
+    assert f"sink {url}: FAILED" in out
