@@ -9,8 +9,9 @@ Delivery rules, in the order they happen:
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aio_pika
@@ -188,6 +189,11 @@ class Consumer:
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: ConsumerTag | None = None
+        self._on_message: Callable[[AbstractIncomingMessage], Awaitable[None]] | None = None
+        self._consuming_prefetch = prefetch
+        self._stopped = False
+        # Pause, resume and cancel run one at a time, so a resume never outlives a cancel.
+        self._lock = asyncio.Lock()
 
     async def start(self) -> None:
         """Open the channel, set QoS, and start consuming."""
@@ -202,10 +208,40 @@ class Consumer:
         async def on_message(message: AbstractIncomingMessage) -> None:
             await self._dispatcher.submit(AmqpDelivery(message, outbox))
 
+        self._on_message = on_message
         self._tag = await self._queue.consume(on_message)
 
+    async def pause(self) -> None:
+        """Stop new deliveries for a while (the sink's breaker is open)."""
+        async with self._lock:
+            await self._cancel()
+
+    async def resume(self, prefetch: int | None = None) -> None:
+        """Consume again with `prefetch` (default: the usual one); a no-op if already so."""
+        prefetch = prefetch or self._prefetch
+        async with self._lock:
+            if self._stopped or self._queue is None or self._channel is None:
+                return
+            if self._tag is not None and prefetch == self._consuming_prefetch:
+                return
+            await self._cancel()
+            assert self._on_message is not None
+            try:
+                # A per-consumer prefetch applies to consumers started after it is set.
+                await self._channel.set_qos(prefetch_count=prefetch)
+                self._tag = await self._queue.consume(self._on_message)
+            except CONNECTION_EXCEPTIONS as exc:
+                log.warning("consumer_resume_failed", error=repr(exc))
+                return
+            self._consuming_prefetch = prefetch
+
     async def cancel(self) -> None:
-        """Stop new deliveries; what was delivered stays ours to settle."""
+        """Stop new deliveries for good; what was delivered stays ours to settle."""
+        async with self._lock:
+            self._stopped = True
+            await self._cancel()
+
+    async def _cancel(self) -> None:
         if self._queue is not None and self._tag is not None:
             try:
                 await self._queue.cancel(self._tag)

@@ -46,6 +46,17 @@ class Metrics:
             "Settlements on a channel that had closed; the broker redelivers those messages.",
             registry=self.registry,
         )
+        self.breaker_state = Gauge(
+            "memory_worker_breaker_state",
+            "The sink's circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=self.registry,
+        )
+        self.breaker_transitions = Counter(
+            "memory_worker_breaker_transitions",
+            "Circuit breaker transitions, by the state entered.",
+            ["state"],
+            registry=self.registry,
+        )
         self.limit_gauge.set(max_concurrent_insertions)
         self.counts: Tally[str] = Tally()
         self.in_flight = 0

@@ -127,12 +127,15 @@ def classify(
     elapsed_s: float,
     policy: RetryPolicy,
     rand: Callable[[], float] = random.random,
+    *,
+    systemic: bool = False,
 ) -> Decision:
     """Decide how to settle a delivery.
 
     `attempt` is the attempt that just ended (1 for the first delivery); `elapsed_s` is the
     time since its first failure. A cancelled insert is requeued, never dead-lettered: the
-    message did nothing wrong, the worker is leaving.
+    message did nothing wrong, the worker is leaving. So is a transient failure while the
+    failure is `systemic` (the sink's circuit breaker is open): no attempt is counted.
     """
     match outcome.kind:
         case Kind.STORED | Kind.DUPLICATE:
@@ -145,6 +148,8 @@ def classify(
             return Decision(Action.DEAD_LETTER, Reason.REJECTED_BY_SINK)
         case Kind.CRASHED:
             return Decision(Action.DEAD_LETTER, Reason.INTERNAL_ERROR)
+        case Kind.TRANSIENT | Kind.TIMEOUT if systemic:
+            return Decision(Action.REQUEUE)
         case Kind.TRANSIENT | Kind.TIMEOUT:
             delay_s = max(policy.backoff_s(attempt, rand), outcome.retry_after_s or 0.0)
             if attempt >= policy.max_attempts or elapsed_s + delay_s > policy.budget_s:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from worker.breaker import CircuitBreaker, State
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, Reason, RetryPolicy, classify
@@ -25,6 +26,7 @@ from worker.sink import Sink, StoreRequest
 from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 
 log = structlog.get_logger("worker.pipeline")
+NOT_ATTEMPTED = "sink circuit open: not attempted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +93,17 @@ def first_failure(headers: Mapping[str, Any]) -> float | None:
 class Pipeline:
     """Stores items through a sink and settles deliveries; shared by the worker and library."""
 
-    def __init__(self, sink: Sink, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        sink: Sink,
+        settings: Settings,
+        metrics: Metrics,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
         self._sink = sink
         self._settings = settings
         self._metrics = metrics
+        self._breaker = breaker
         self._policy: RetryPolicy = settings.retry.policy
         self._recent = RecentKeys(settings.worker.dedupe_cache_size)
 
@@ -105,6 +114,9 @@ class Pipeline:
         requests = self._requests(item, key)
         if isinstance(requests, Outcome):
             return requests
+        admitted, probe = await self._admit()
+        if not admitted:
+            return Outcome.transient(NOT_ATTEMPTED)
         timeout_s = self._settings.sink.timeout_s
         outcome = Outcome.duplicate()  # stays so only if every part was stored before
         self._metrics.insert_started()
@@ -122,10 +134,46 @@ class Pipeline:
                     self._recent.add(key)  # every part stored: a redelivery is a duplicate
         except TimeoutError:
             outcome = Outcome.timeout(timeout_s)
+        except BaseException:
+            if probe and self._breaker is not None:
+                self._breaker.release()
+            raise
         finally:
             stored = outcome.kind is Kind.STORED
             self._metrics.insert_finished(stored, time.perf_counter() - started)
+        self._report(outcome, probe)
         return outcome
+
+    async def _admit(self) -> tuple[bool, bool]:
+        """Whether a store may start, and whether it is the half-open probe.
+
+        While a probe is out the other stores wait for its verdict rather than being handed
+        back: a requeued message comes straight back, and a wait is bounded by the probe's
+        own timeout.
+        """
+        breaker = self._breaker
+        while breaker is not None:
+            changed = breaker.changed  # taken before looking, so no transition is missed
+            state = breaker.state
+            if state is State.CLOSED:
+                break
+            if state is State.OPEN:
+                return False, False
+            if breaker.try_probe():
+                return True, True
+            await changed.wait()
+        return True, False
+
+    def _report(self, outcome: Outcome, probe: bool) -> None:
+        """Tell the breaker what the sink did."""
+        if self._breaker is None:
+            return
+        if outcome.kind in (Kind.TRANSIENT, Kind.TIMEOUT):
+            self._breaker.failure(outcome.detail)
+        elif outcome.kind in (Kind.STORED, Kind.REJECTED):
+            self._breaker.success()
+        elif probe:
+            self._breaker.release()
 
     def _requests(self, item: MemoryItem, key: str) -> list[StoreRequest] | Outcome:
         metadata = item.metadata.model_dump(mode="json", exclude_none=True)
@@ -186,7 +234,9 @@ class Pipeline:
         if failed and first is None:
             first = time.time()
         elapsed_s = time.time() - first if first is not None else 0.0
-        decision = classify(outcome, attempt, elapsed_s, self._policy)
+        # While the breaker is not closed a transient failure is the sink's, not the message's.
+        systemic = self._breaker is not None and self._breaker.state is not State.CLOSED
+        decision = classify(outcome, attempt, elapsed_s, self._policy, systemic=systemic)
         verdict = Verdict(decision, outcome, attempt, first)
         settled = await delivery.settle(verdict)
         reason = decision.reason.value if decision.reason else ""

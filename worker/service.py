@@ -8,6 +8,7 @@ requeue the rest, then close the channel, the connection, the sink and the HTTP 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
@@ -20,6 +21,7 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from worker.breaker import CircuitBreaker, State
 from worker.consumer import Consumer
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
@@ -93,12 +95,24 @@ class Service:
         self.settings = settings
         self.metrics = Metrics(settings.concurrency)
         self.topology = Topology.from_settings(settings)
-        self.ready = False
+        self.breaker = CircuitBreaker(
+            settings.sink.breaker_failures,
+            settings.sink.breaker_open_s,
+            settings.sink.breaker_max_open_s,
+            on_change=self._breaker_changed,
+        )
         self.ops_port: int | None = None
+        self._running = False
         self._stop = asyncio.Event()
         self._stack = AsyncExitStack()
         self._consumer: Consumer | None = None
         self._dispatcher: Dispatcher | None = None
+        self._follower: asyncio.Task[None] | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Consuming, and the sink's breaker is not open."""
+        return self._running and self.breaker.state is not State.OPEN
 
     async def __aenter__(self) -> Self:
         try:
@@ -125,13 +139,15 @@ class Service:
             await self.topology.declare(connection)
         else:
             await self.topology.check(connection)
-        self._dispatcher = Dispatcher(Pipeline(sink, s, self.metrics), s.concurrency)
+        pipeline = Pipeline(sink, s, self.metrics, self.breaker)
+        self._dispatcher = Dispatcher(pipeline, s.concurrency)
         self._consumer = Consumer(
             connection, self.topology, self._dispatcher, s.prefetch, s.worker.id
         )
         self._stack.push_async_callback(self._consumer.close)
         await self._consumer.start()
-        self.ready = True
+        self._follower = asyncio.create_task(self._follow_breaker(self._consumer))
+        self._running = True
         log.info(
             "worker_started",
             queue=s.rabbitmq.queue,
@@ -140,6 +156,35 @@ class Service:
             sink=str(s.pools.session_buddy_url),
             ops_port=self.ops_port,
         )
+
+    def _breaker_changed(self, state: State, detail: str) -> None:
+        self.metrics.breaker_state.set(state.value)
+        self.metrics.breaker_transitions.labels(state.name.lower()).inc()
+        if state is State.OPEN:
+            open_s = round(self.breaker.open_remaining_s, 3)
+            log.warning("breaker_opened", open_s=open_s, last_failure=detail)
+        elif state is State.HALF_OPEN:
+            log.info("breaker_half_open", last_failure=detail)
+        else:
+            log.info("breaker_closed", last_failure=detail)
+
+    async def _follow_breaker(self, consumer: Consumer) -> None:
+        """Pause consuming while the breaker is open; take one message at a time in half-open.
+
+        Paused, the broker keeps what has not been delivered; with prefetch 1 in half-open
+        only the probe is delivered, so nothing spins through requeues while the sink is down.
+        """
+        breaker = self.breaker
+        while True:
+            changed = breaker.changed  # taken before looking, so no transition is missed
+            state = breaker.state
+            if state is State.OPEN:
+                await consumer.pause()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), breaker.open_remaining_s)
+                continue
+            await consumer.resume(1 if state is State.HALF_OPEN else None)
+            await changed.wait()
 
     def stop(self) -> None:
         """Ask the worker to shut down; safe to call from a signal handler."""
@@ -152,9 +197,14 @@ class Service:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.ready = False
+        self._running = False
         if self._consumer is not None:
             await self._consumer.cancel()
+        if self._follower is not None:
+            self._follower.cancel()
+            [error] = await asyncio.gather(self._follower, return_exceptions=True)
+            if not isinstance(error, asyncio.CancelledError | None):
+                log.error("breaker_follower_failed", error=repr(error))
         requeued = 0
         if self._dispatcher is not None:
             requeued = await self._dispatcher.drain(self.settings.worker.grace_s)

@@ -94,6 +94,14 @@ class SinkSettings(BaseModel):
     static_tags: list[str] = Field(default_factory=list)
     project_field: str | None = "pool_id"
     project: str | None = None
+    breaker_failures: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Consecutive failures that open the breaker; 0 = off",
+    )
+    breaker_open_s: float = Field(default=5.0, gt=0, le=3600)
+    breaker_max_open_s: float = Field(default=60.0, gt=0, le=86_400)
 
 
 class RetrySettings(BaseModel):

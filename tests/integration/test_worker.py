@@ -71,7 +71,8 @@ async def test_permanent_rejection_is_dead_lettered_with_sink_text(make_settings
 async def test_transient_failures_are_retried_then_stored(make_settings, connection):
     """503s are retried through the delay queues and every item is stored after recovery."""
     async with StandIn(StandInConfig(error_503=1.0)) as sb:
-        settings = make_settings(pools={"session_buddy_url": sb.url})
+        # The breaker off: a 100% 503 storm is systemic and would pause (test_breaker.py).
+        settings = make_settings(pools={"session_buddy_url": sb.url}, sink={"breaker_failures": 0})
         await publish_items(connection, settings, 20)
         async with Service(settings) as service:
             await wait_until(lambda: sb.stats.faults.get("error_503", 0) >= 30)
@@ -85,7 +86,12 @@ async def test_transient_failures_are_retried_then_stored(make_settings, connect
 async def test_retries_exhausted_are_dead_lettered(make_settings, connection):
     """An item that keeps failing transiently is dead-lettered after max_attempts."""
     async with StandIn(StandInConfig(error_503=1.0)) as sb:
-        settings = make_settings(pools={"session_buddy_url": sb.url}, retry={"max_attempts": 3})
+        # The breaker off: with it, a sink that always answers 503 pauses instead.
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url},
+            retry={"max_attempts": 3},
+            sink={"breaker_failures": 0},
+        )
         await publish_items(connection, settings, 2)
         async with Service(settings) as service:
             await wait_until(lambda: service.metrics.counts["dead_letter"] == 2)

@@ -84,6 +84,16 @@ class FakeSink:
             self.active -= 1
 
 
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @dataclass
 class FakeDelivery:
     """A delivery that records every settle call instead of talking to a broker."""

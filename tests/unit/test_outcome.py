@@ -80,9 +80,28 @@ CASES: list[tuple[str, Outcome, int, float, Decision]] = [
 ]
 
 
+# The same decisions while the sink's breaker is open (`systemic=True`): a transient failure or
+# timeout is handed back without counting an attempt; every other outcome is settled as before.
+SYSTEMIC_CASES: list[tuple[str, Outcome, int, float, Decision]] = [
+    ("systemic-stored", Outcome.stored(), 1, 0.0, ack()),
+    ("systemic-duplicate", Outcome.duplicate(), 1, 0.0, ack()),
+    ("systemic-invalid", Outcome.invalid(Reason.SCHEMA, "bad"), 1, 0.0, dead(Reason.SCHEMA)),
+    ("systemic-rejected", Outcome.rejected("❌ no"), 1, 0.0, dead(Reason.REJECTED_BY_SINK)),
+    ("systemic-crashed", Outcome.crashed(RuntimeError("x")), 1, 0.0, dead(Reason.INTERNAL_ERROR)),
+    ("systemic-cancelled", Outcome.cancelled(), 1, 0.0, requeue()),
+    ("systemic-transient-first", Outcome.transient("503"), 1, 0.0, requeue()),
+    ("systemic-transient-at-max-attempts", Outcome.transient("503"), 5, 10.0, requeue()),
+    ("systemic-transient-past-budget", Outcome.transient("401"), 99, 10_000.0, requeue()),
+    ("systemic-transient-retry-after", Outcome.transient("429", 700.0), 1, 0.0, requeue()),
+    ("systemic-timeout", Outcome.timeout(30.0), 1, 0.0, requeue()),
+    ("systemic-timeout-at-max-attempts", Outcome.timeout(30.0), 5, 601.0, requeue()),
+]
+
+
 def test_table_covers_every_kind() -> None:
-    """The classify table has at least one row for every outcome kind."""
+    """Both classify tables have at least one row for every outcome kind."""
     assert {outcome.kind for _, outcome, _, _, _ in CASES} == set(Kind)
+    assert {outcome.kind for _, outcome, _, _, _ in SYSTEMIC_CASES} == set(Kind)
 
 
 @pytest.mark.parametrize(
@@ -93,6 +112,18 @@ def test_table_covers_every_kind() -> None:
 def test_classify(outcome: Outcome, attempt: int, elapsed_s: float, expected: Decision) -> None:
     """Each outcome, at each attempt and elapsed time, is settled by the expected decision."""
     assert classify(outcome, attempt, elapsed_s, POLICY, half) == expected
+
+
+@pytest.mark.parametrize(
+    ("outcome", "attempt", "elapsed_s", "expected"),
+    [case[1:] for case in SYSTEMIC_CASES],
+    ids=[case[0] for case in SYSTEMIC_CASES],
+)
+def test_classify_systemic(
+    outcome: Outcome, attempt: int, elapsed_s: float, expected: Decision
+) -> None:
+    """While failures are systemic, transient ones are requeued uncounted; the rest unchanged."""
+    assert classify(outcome, attempt, elapsed_s, POLICY, half, systemic=True) == expected
 
 
 @pytest.mark.parametrize("retry_after_s", [0.0, 0.5, 3.0, 59.0, 119.9])

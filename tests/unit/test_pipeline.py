@@ -12,11 +12,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.unit.fakes import FakeDelivery, FakeSink, isolate_settings, item_body, until
+from tests.unit.fakes import Clock, FakeDelivery, FakeSink, isolate_settings, item_body, until
+from worker.breaker import CircuitBreaker, State
 from worker.metrics import Metrics
 from worker.models import idempotency_key
 from worker.outcome import Action, Kind, Outcome, Reason
-from worker.pipeline import Dispatcher, Pipeline
+from worker.pipeline import NOT_ATTEMPTED, Dispatcher, Pipeline
 from worker.settings import Settings
 from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 
@@ -511,3 +512,82 @@ async def test_requeue_on_drain_logs_one_line() -> None:
     lines = [e for e in logs if e["event"] == "message_settled"]
     assert Counter(e["message_id"] for e in lines) == {"m-run": 1, "m-late": 1}
     assert {e["action"] for e in lines} == {"requeue"}
+
+
+def breaker_pipeline(sink: FakeSink, failures: int = 2) -> tuple[Pipeline, CircuitBreaker, Clock]:
+    """A pipeline whose sink breaker runs on a hand clock (open for 5 s)."""
+    clock = Clock()
+    breaker = CircuitBreaker(failures, 5.0, clock=clock)
+    settings = make_settings()
+    return Pipeline(sink, settings, Metrics(settings.concurrency), breaker), breaker, clock
+
+
+async def test_breaker_requeues_the_failure_that_opens_it_and_skips_the_sink_after() -> None:
+    """Failures before the threshold are retried; the one that opens it and later ones requeue."""
+    sink = FakeSink(Outcome.transient("HTTP 503"))
+    pipeline, breaker, _ = breaker_pipeline(sink, failures=2)
+    first, second, third = delivery("a"), delivery("b"), delivery("c")
+    for d in (first, second, third):
+        await pipeline.handle(d)
+    assert first.verdict.decision.action is Action.RETRY
+    assert second.verdict.decision.action is Action.REQUEUE
+    assert third.verdict.decision.action is Action.REQUEUE
+    assert third.verdict.outcome.detail == NOT_ATTEMPTED
+    assert [r.content for r in sink.requests] == ["a", "b"]  # c never reached the sink
+    assert breaker.state is State.OPEN
+
+
+async def test_breaker_half_open_sends_one_probe_others_wait_for_its_verdict() -> None:
+    """In half-open one store probes; the rest wait, then store once the probe succeeds."""
+    sink = FakeSink(Outcome.transient("HTTP 503"))
+    pipeline, breaker, clock = breaker_pipeline(sink, failures=1)
+    await pipeline.handle(delivery("trip"))
+    clock.now += 5
+    sink.default = Outcome.stored()
+    sink.gate = asyncio.Event()
+    dispatcher = Dispatcher(pipeline, limit=5)
+    deliveries = [delivery(f"item {i}") for i in range(5)]
+    for d in deliveries:
+        await dispatcher.submit(d)
+    await until(lambda: sink.active == 1)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert sink.active == 1 and breaker.state is State.HALF_OPEN
+    sink.gate.set()
+    assert await dispatcher.drain(grace_s=5.0) == 0
+    assert breaker.state is State.CLOSED
+    assert all(d.verdict.decision.action is Action.ACK for d in deliveries)
+
+
+async def test_breaker_failed_probe_requeues_the_waiters_without_an_attempt() -> None:
+    """When the probe fails the breaker reopens and the waiting deliveries go back untouched."""
+    sink = FakeSink(Outcome.transient("HTTP 503"))
+    pipeline, breaker, clock = breaker_pipeline(sink, failures=1)
+    await pipeline.handle(delivery("trip"))
+    clock.now += 5
+    sink.gate = asyncio.Event()
+    dispatcher = Dispatcher(pipeline, limit=3)
+    deliveries = [delivery(f"item {i}") for i in range(3)]
+    for d in deliveries:
+        await dispatcher.submit(d)
+    await until(lambda: sink.active == 1)
+    sink.gate.set()
+    assert await dispatcher.drain(grace_s=5.0) == 0
+    assert breaker.state is State.OPEN
+    assert len(sink.requests) == 2  # the trip and one probe
+    assert all(d.verdict.decision.action is Action.REQUEUE for d in deliveries)
+
+
+async def test_breaker_cancelled_probe_frees_the_slot() -> None:
+    """A probe cancelled at shutdown does not leave the breaker stuck in half-open."""
+    sink = FakeSink(Outcome.transient("HTTP 503"))
+    pipeline, breaker, clock = breaker_pipeline(sink, failures=1)
+    await pipeline.handle(delivery("trip"))
+    clock.now += 5
+    sink.gate = asyncio.Event()
+    probe = asyncio.create_task(pipeline.handle(delivery("probe")))
+    await until(lambda: sink.active == 1)
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert breaker.try_probe()
