@@ -80,19 +80,22 @@ class Outbox:
             self._topology.dead_letter_exchange, ensure=False
         )
 
+    @staticmethod
+    def _failure_headers(verdict: Verdict) -> dict[str, Any]:
+        now = time.time()
+        return {
+            H_ATTEMPTS: verdict.attempt,
+            H_FIRST_FAILURE_MS: round((verdict.first_failure_ts or now) * 1000),
+            H_LAST_FAILURE_MS: round(now * 1000),
+            H_DETAIL: verdict.outcome.detail[:DETAIL_HEADER_CHARS],
+        }
+
     async def retry(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
         """Park a copy in the wait queue of its delay tier."""
         assert self._retry is not None
-        now = time.time()
+        # x-death belongs to the broker; the retry carries our own attempt counter instead.
         headers = {k: v for k, v in (message.headers or {}).items() if k != "x-death"}
-        headers.update(
-            {
-                H_ATTEMPTS: verdict.attempt,
-                H_FIRST_FAILURE_MS: round((verdict.first_failure_ts or now) * 1000),
-                H_LAST_FAILURE_MS: round(now * 1000),
-                H_DETAIL: verdict.outcome.detail[:DETAIL_HEADER_CHARS],
-            }
-        )
+        headers.update(self._failure_headers(verdict))
         tier = self._topology.tier_for(verdict.decision.delay_s)
         await self._retry.publish(
             copy_message(message, headers), tier.queue, mandatory=True, timeout=CONFIRM_TIMEOUT_S
@@ -101,15 +104,11 @@ class Outbox:
     async def dead_letter(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
         """Publish the original body and headers plus why it failed to the DLQ."""
         assert self._dlx is not None and verdict.decision.reason is not None
-        now = time.time()
         headers = dict(message.headers or {})
+        headers.update(self._failure_headers(verdict))
         headers.update(
             {
                 H_REASON: verdict.decision.reason.value,
-                H_DETAIL: verdict.outcome.detail[:DETAIL_HEADER_CHARS],
-                H_ATTEMPTS: verdict.attempt,
-                H_FIRST_FAILURE_MS: round((verdict.first_failure_ts or now) * 1000),
-                H_LAST_FAILURE_MS: round(now * 1000),
                 H_WORKER: self._worker_id,
                 H_QUEUE: self._topology.queue,
             }
