@@ -16,9 +16,6 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-
-pytest.importorskip("mcp.server.mcpserver", reason="needs the official mcp SDK, version 2.x")
-
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 

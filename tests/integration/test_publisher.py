@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -247,6 +248,9 @@ async def _depth_is(connection: AbstractRobustConnection, queue: str, count: int
 async def test_broker_closing_the_connection_fails_or_confirms_each_item(make_settings, connection):
     """When the broker closes the publisher's connection, each item is confirmed or failed."""
     if shutil.which("rabbitmqctl") is None:
+        # A Docker-only developer has no rabbitmqctl; CI machines always do, so there it fails.
+        if os.environ.get("CI"):
+            pytest.fail("rabbitmqctl is needed to close the publisher's connection")
         pytest.skip("needs rabbitmqctl for the broker under test")
     settings, topology = await declared(make_settings, connection)
     name = f"memory-worker publisher {settings.worker.id}"
