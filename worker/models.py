@@ -235,7 +235,7 @@ def _parse_json(text: str, max_depth: int) -> object:
             parse_float=_finite_float,
         )
     except json.JSONDecodeError as exc:
-        detail = f"{exc.msg} at line {exc.lineno} column {exc.colno}"
+        detail = str(exc)  # "Expecting value: line 1 column 2 (char 1)"
         raise DecodeError(Reason.INVALID_JSON, detail) from None
     except RecursionError:
         raise DecodeError(Reason.INVALID_JSON, "nested too deeply") from None
