@@ -159,6 +159,7 @@ async def _run(
                 await asyncio.sleep(0.1)
         elapsed_s = time.perf_counter() - started
         insertion = service.metrics.get_insertion_metrics()
+    console.line()
     await _report(console, connection, topology, standin, items, elapsed_s)
     console.print(
         f"ACT-008 metrics: {insertion['average_throughput_items_per_sec']:,.0f} items/s while "
