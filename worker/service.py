@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.breaker import CircuitBreaker, State
-from worker.consumer import Consumer
+from worker.consumer import CONFIRM_TIMEOUT_S, Consumer
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.ops import OpsServer
@@ -30,7 +30,7 @@ from worker.outcome import Outcome
 from worker.pipeline import Dispatcher, Pipeline
 from worker.settings import Settings
 from worker.sink import HttpSink, McpSink, Sink, SinkConfigError, make_client
-from worker.topology import Topology
+from worker.topology import Topology, check_consumer_timeout, check_queue_policies
 
 log = structlog.get_logger("worker.service")
 
@@ -125,6 +125,7 @@ class Service:
     async def _start(self) -> None:
         s = self.settings
         structlog.contextvars.bind_contextvars(worker_id=s.worker.id)
+        check_consumer_timeout(s.sink.timeout_s, s.rabbitmq.consumer_timeout_s, CONFIRM_TIMEOUT_S)
         if s.worker.ops_port >= 0:
             ops = OpsServer(self.metrics, lambda: self.ready, s.worker.ops_host, s.worker.ops_port)
             await self._stack.enter_async_context(ops)
@@ -139,6 +140,12 @@ class Service:
             await self.topology.declare(connection)
         else:
             await self.topology.check(connection)
+        if s.rabbitmq.management_url is not None:
+            await check_queue_policies(
+                s.rabbitmq.management_url.get_secret_value(),
+                s.rabbitmq.url.get_secret_value(),
+                self.topology,
+            )
         pipeline = Pipeline(sink, s, self.metrics, self.breaker)
         self._dispatcher = Dispatcher(pipeline, s.concurrency)
         self._consumer = Consumer(

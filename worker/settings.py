@@ -57,12 +57,29 @@ class RabbitMQSettings(BaseModel):
     heartbeat_s: int = Field(default=30, ge=0, le=600)
     connect_timeout_s: float = Field(default=10.0, gt=0, le=300)
     startup_wait_s: float = Field(default=60.0, ge=0, le=86_400)
+    consumer_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        le=7 * 86_400,
+        description="The broker's consumer_timeout (RabbitMQ's default: 30 min)",
+    )
+    management_url: SecretStr | None = Field(
+        default=None,
+        description="RabbitMQ management API, e.g. http://user:pass@host:15672, to check policies",
+    )
 
     @field_validator("url")
     @classmethod
     def _amqp_scheme(cls, value: SecretStr) -> SecretStr:
         if not value.get_secret_value().startswith(("amqp://", "amqps://")):
             raise ValueError("must start with amqp:// or amqps://")
+        return value
+
+    @field_validator("management_url")
+    @classmethod
+    def _http_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
         return value
 
     @property

@@ -1,0 +1,58 @@
+"""Preflight against a real broker: refused settings exit 78 before anything is consumed."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.integration.helpers import (
+    depth,
+    publish_items,
+    start_worker_process,
+    wait_until,
+    worker_env,
+)
+from worker.cli import EXIT_CONFIG
+from worker.service import Service
+from worker.standin import StandIn
+
+pytestmark = pytest.mark.integration
+
+
+async def test_timeout_beyond_consumer_timeout_exits_78_before_consuming(make_settings, connection):
+    """sink.timeout_s 1000 against consumer_timeout 1800 s: exit 78, the item stays queued."""
+    settings = make_settings()
+    await publish_items(connection, settings, 1)
+    env = worker_env(
+        settings,
+        MAHAVISHNU_SINK__TIMEOUT_S="1000",
+        MAHAVISHNU_RABBITMQ__CONSUMER_TIMEOUT_S="1800",
+    )
+    process = await start_worker_process(env)
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    text = stderr.decode()
+    assert process.returncode == EXIT_CONFIG, text
+    for part in (
+        "MAHAVISHNU_SINK__TIMEOUT_S",
+        "MAHAVISHNU_RABBITMQ__CONSUMER_TIMEOUT_S",
+        "2030 s",
+        "1800 s",
+    ):
+        assert part in text, text
+    assert await depth(connection, settings.rabbitmq.queue) == 1
+
+
+async def test_management_api_that_does_not_answer_does_not_stop_the_worker(
+    make_settings, connection
+):
+    """With management_url set but nothing listening there, the worker warns and consumes."""
+    async with StandIn() as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url},
+            rabbitmq={"management_url": "http://guest:guest@127.0.0.1:9/"},
+        )
+        await publish_items(connection, settings, 3)
+        async with Service(settings):
+            await wait_until(lambda: sb.stats.distinct_keys == 3)
+    assert await depth(connection, settings.rabbitmq.queue) == 0
