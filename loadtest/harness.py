@@ -370,10 +370,6 @@ class BenchQueues:
     async def __aexit__(self, *exc: object) -> None:
         await self.delete()
 
-    def _queues(self) -> list[str]:
-        t = self.topology
-        return [t.queue, t.dead_letter_queue, *(tier.queue for tier in t.tiers)]
-
     async def _count(self, name: str) -> int:
         async with self.connection.channel() as channel:
             queue = await channel.declare_queue(name, passive=True)
@@ -395,14 +391,13 @@ class BenchQueues:
         return await self._count(self.topology.dead_letter_queue)
 
     async def delete(self) -> None:
-        """Delete every queue and exchange of the run (idempotent)."""
-        t = self.topology
+        """Delete every queue and exchange of the run (idempotent, best effort per name)."""
         async with self.connection.channel() as channel:
-            for name in self._queues():
+            for name in self.topology.queues:
                 with contextlib.suppress(*CONNECTION_EXCEPTIONS):
                     await channel.queue_delete(name)
         async with self.connection.channel() as channel:
-            for name in (t.exchange, t.retry_exchange, t.dead_letter_exchange):
+            for name in self.topology.exchanges:
                 with contextlib.suppress(*CONNECTION_EXCEPTIONS):
                     await channel.exchange_delete(name)
 

@@ -125,7 +125,7 @@ async def run_demo(settings: Settings, items: int = 500, latency_ms: float = 20.
         try:
             return await _run(console, connection, demo, topology, standin, items)
         finally:
-            await _delete(connection, topology)
+            await topology.delete(connection)
 
 
 async def _run(
@@ -202,15 +202,3 @@ async def _report(
         f"({stats.distinct_keys / elapsed_s:,.0f} items/s); {faults} transient faults retried; "
         f"{stats.duplicates} duplicates; {sum(reasons.values())} dead letters with reasons."
     )
-
-
-async def _delete(connection: AbstractRobustConnection, topology: Topology) -> None:
-    async with connection.channel() as channel:
-        for name in (
-            topology.queue,
-            topology.dead_letter_queue,
-            *(t.queue for t in topology.tiers),
-        ):
-            await channel.queue_delete(name)
-        for name in (topology.exchange, topology.retry_exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(name)

@@ -155,6 +155,24 @@ class Topology:
             declared = await channel.get_queue(queue, ensure=False)
             await declared.bind(exchange, routing_key=key)
 
+    @property
+    def queues(self) -> tuple[str, ...]:
+        """Every queue this topology declares."""
+        return (self.queue, self.dead_letter_queue, *(tier.queue for tier in self.tiers))
+
+    @property
+    def exchanges(self) -> tuple[str, ...]:
+        """Every exchange this topology declares."""
+        return (self.exchange, self.retry_exchange, self.dead_letter_exchange)
+
+    async def delete(self, connection: AbstractRobustConnection) -> None:
+        """Delete every queue and exchange, messages included (demo and test teardown)."""
+        async with connection.channel() as channel:
+            for name in self.queues:
+                await channel.queue_delete(name)
+            for name in self.exchanges:
+                await channel.exchange_delete(name)
+
     async def check(self, connection: AbstractRobustConnection) -> None:
         """Check passively that the work queue and DLQ exist."""
         for name in (self.queue, self.dead_letter_queue):

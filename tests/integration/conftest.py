@@ -93,15 +93,9 @@ def make_settings(amqp_url: str) -> Iterator[Any]:
 
 
 async def _delete(settings: Settings) -> None:
-    topology = Topology.from_settings(settings)
     connection = await aio_pika.connect(settings.rabbitmq.url.get_secret_value())
     async with connection:
-        channel = await connection.channel()
-        queues = [topology.queue, topology.dead_letter_queue, *(t.queue for t in topology.tiers)]
-        for name in queues:
-            await channel.queue_delete(name)
-        for name in (topology.exchange, topology.retry_exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(name)
+        await Topology.from_settings(settings).delete(connection)
 
 
 @pytest.fixture
