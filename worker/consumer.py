@@ -83,12 +83,16 @@ class Outbox:
     @staticmethod
     def _failure_headers(verdict: Verdict) -> dict[str, Any]:
         now = time.time()
-        return {
+        headers: dict[str, Any] = {
             H_ATTEMPTS: verdict.attempt,
-            H_FIRST_FAILURE_MS: round((verdict.first_failure_ts or now) * 1000),
             H_LAST_FAILURE_MS: round(now * 1000),
             H_DETAIL: verdict.outcome.detail[:DETAIL_HEADER_CHARS],
         }
+        if verdict.first_failure_ts is not None:
+            headers[H_FIRST_FAILURE_MS] = round(verdict.first_failure_ts * 1000)
+        elif verdict.decision.action is Action.DEAD_LETTER:
+            headers[H_FIRST_FAILURE_MS] = round(now * 1000)
+        return headers
 
     async def retry(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
         """Park a copy in the wait queue of its delay tier."""

@@ -99,11 +99,15 @@ class Action(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The one way a delivery is settled; `delay_s` only for retries, `reason` for dead letters."""
+    """The one way a delivery is settled; `delay_s` only for retries, `reason` for dead letters.
+
+    `counts` is False for a retry that is not the message's fault: it does not use up an attempt.
+    """
 
     action: Action
     reason: Reason | None = None
     delay_s: float = 0.0
+    counts: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,8 +138,10 @@ def classify(
 
     `attempt` is the attempt that just ended (1 for the first delivery); `elapsed_s` is the
     time since its first failure. A cancelled insert is requeued, never dead-lettered: the
-    message did nothing wrong, the worker is leaving. So is a transient failure while the
-    failure is `systemic` (the sink's circuit breaker is open): no attempt is counted.
+    message did nothing wrong, the worker is leaving. A transient failure while the failure
+    is `systemic` (the sink's circuit breaker is not closed) is parked for `base_s` without
+    counting an attempt: a fresh copy, because every requeue of the same message counts toward
+    the quorum queue's delivery limit, and a long outage would use it up.
     """
     match outcome.kind:
         case Kind.STORED | Kind.DUPLICATE:
@@ -149,7 +155,7 @@ def classify(
         case Kind.CRASHED:
             return Decision(Action.DEAD_LETTER, Reason.INTERNAL_ERROR)
         case Kind.TRANSIENT | Kind.TIMEOUT if systemic:
-            return Decision(Action.REQUEUE)
+            return Decision(Action.RETRY, delay_s=policy.base_s, counts=False)
         case Kind.TRANSIENT | Kind.TIMEOUT:
             delay_s = max(policy.backoff_s(attempt, rand), outcome.retry_after_s or 0.0)
             if attempt >= policy.max_attempts or elapsed_s + delay_s > policy.budget_s:

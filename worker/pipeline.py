@@ -231,12 +231,14 @@ class Pipeline:
     ) -> Verdict:
         first = first_failure(delivery.headers)
         failed = outcome.kind not in (Kind.STORED, Kind.DUPLICATE, Kind.CANCELLED)
-        if failed and first is None:
-            first = time.time()
         elapsed_s = time.time() - first if first is not None else 0.0
         # While the breaker is not closed a transient failure is the sink's, not the message's.
         systemic = self._breaker is not None and self._breaker.state is not State.CLOSED
         decision = classify(outcome, attempt, elapsed_s, self._policy, systemic=systemic)
+        if not decision.counts:
+            attempt -= 1  # the retry budget's clock does not start either
+        elif failed and first is None:
+            first = time.time()
         verdict = Verdict(decision, outcome, attempt, first)
         settled = await delivery.settle(verdict)
         reason = decision.reason.value if decision.reason else ""
@@ -254,6 +256,7 @@ class Pipeline:
             reason=reason or None,
             detail=outcome.detail or None,
             retry_in_s=round(decision.delay_s, 3) if decision.action is Action.RETRY else None,
+            counted=None if decision.counts else False,
             latency_s=round(time.perf_counter() - started, 6),
             settled=settled,
         )

@@ -26,6 +26,10 @@ def requeue() -> Decision:
     return Decision(Action.REQUEUE)
 
 
+def parked() -> Decision:
+    return Decision(Action.RETRY, delay_s=POLICY.base_s, counts=False)
+
+
 def dead(reason: Reason) -> Decision:
     return Decision(Action.DEAD_LETTER, reason)
 
@@ -81,7 +85,8 @@ CASES: list[tuple[str, Outcome, int, float, Decision]] = [
 
 
 # The same decisions while the sink's breaker is open (`systemic=True`): a transient failure or
-# timeout is handed back without counting an attempt; every other outcome is settled as before.
+# timeout is parked for `base_s` without counting an attempt; every other outcome is settled as
+# before.
 SYSTEMIC_CASES: list[tuple[str, Outcome, int, float, Decision]] = [
     ("systemic-stored", Outcome.stored(), 1, 0.0, ack()),
     ("systemic-duplicate", Outcome.duplicate(), 1, 0.0, ack()),
@@ -89,12 +94,12 @@ SYSTEMIC_CASES: list[tuple[str, Outcome, int, float, Decision]] = [
     ("systemic-rejected", Outcome.rejected("❌ no"), 1, 0.0, dead(Reason.REJECTED_BY_SINK)),
     ("systemic-crashed", Outcome.crashed(RuntimeError("x")), 1, 0.0, dead(Reason.INTERNAL_ERROR)),
     ("systemic-cancelled", Outcome.cancelled(), 1, 0.0, requeue()),
-    ("systemic-transient-first", Outcome.transient("503"), 1, 0.0, requeue()),
-    ("systemic-transient-at-max-attempts", Outcome.transient("503"), 5, 10.0, requeue()),
-    ("systemic-transient-past-budget", Outcome.transient("401"), 99, 10_000.0, requeue()),
-    ("systemic-transient-retry-after", Outcome.transient("429", 700.0), 1, 0.0, requeue()),
-    ("systemic-timeout", Outcome.timeout(30.0), 1, 0.0, requeue()),
-    ("systemic-timeout-at-max-attempts", Outcome.timeout(30.0), 5, 601.0, requeue()),
+    ("systemic-transient-first", Outcome.transient("503"), 1, 0.0, parked()),
+    ("systemic-transient-at-max-attempts", Outcome.transient("503"), 5, 10.0, parked()),
+    ("systemic-transient-past-budget", Outcome.transient("401"), 99, 10_000.0, parked()),
+    ("systemic-transient-retry-after", Outcome.transient("429", 700.0), 1, 0.0, parked()),
+    ("systemic-timeout", Outcome.timeout(30.0), 1, 0.0, parked()),
+    ("systemic-timeout-at-max-attempts", Outcome.timeout(30.0), 5, 601.0, parked()),
 ]
 
 

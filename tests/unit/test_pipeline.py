@@ -16,7 +16,7 @@ from tests.unit.fakes import Clock, FakeDelivery, FakeSink, isolate_settings, it
 from worker.breaker import CircuitBreaker, State
 from worker.metrics import Metrics
 from worker.models import idempotency_key
-from worker.outcome import Action, Kind, Outcome, Reason
+from worker.outcome import Action, Decision, Kind, Outcome, Reason
 from worker.pipeline import NOT_ATTEMPTED, Dispatcher, Pipeline
 from worker.settings import Settings
 from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
@@ -522,16 +522,18 @@ def breaker_pipeline(sink: FakeSink, failures: int = 2) -> tuple[Pipeline, Circu
     return Pipeline(sink, settings, Metrics(settings.concurrency), breaker), breaker, clock
 
 
-async def test_breaker_requeues_the_failure_that_opens_it_and_skips_the_sink_after() -> None:
-    """Failures before the threshold are retried; the one that opens it and later ones requeue."""
+async def test_breaker_parks_the_failure_that_opens_it_and_skips_the_sink_after() -> None:
+    """Failures before the threshold are retried; the one that opens it and later ones are parked."""
     sink = FakeSink(Outcome.transient("HTTP 503"))
     pipeline, breaker, _ = breaker_pipeline(sink, failures=2)
     first, second, third = delivery("a"), delivery("b"), delivery("c")
     for d in (first, second, third):
         await pipeline.handle(d)
-    assert first.verdict.decision.action is Action.RETRY
-    assert second.verdict.decision.action is Action.REQUEUE
-    assert third.verdict.decision.action is Action.REQUEUE
+    assert first.verdict.decision.action is Action.RETRY and first.verdict.attempt == 1
+    for parked in (second, third):
+        assert parked.verdict.decision.action is Action.RETRY
+        assert not parked.verdict.decision.counts
+        assert parked.verdict.attempt == 0 and parked.verdict.first_failure_ts is None
     assert third.verdict.outcome.detail == NOT_ATTEMPTED
     assert [r.content for r in sink.requests] == ["a", "b"]  # c never reached the sink
     assert breaker.state is State.OPEN
@@ -559,8 +561,8 @@ async def test_breaker_half_open_sends_one_probe_others_wait_for_its_verdict() -
     assert all(d.verdict.decision.action is Action.ACK for d in deliveries)
 
 
-async def test_breaker_failed_probe_requeues_the_waiters_without_an_attempt() -> None:
-    """When the probe fails the breaker reopens and the waiting deliveries go back untouched."""
+async def test_breaker_failed_probe_parks_the_waiters_without_an_attempt() -> None:
+    """When the probe fails the breaker reopens and the waiting deliveries are parked uncounted."""
     sink = FakeSink(Outcome.transient("HTTP 503"))
     pipeline, breaker, clock = breaker_pipeline(sink, failures=1)
     await pipeline.handle(delivery("trip"))
@@ -575,7 +577,9 @@ async def test_breaker_failed_probe_requeues_the_waiters_without_an_attempt() ->
     assert await dispatcher.drain(grace_s=5.0) == 0
     assert breaker.state is State.OPEN
     assert len(sink.requests) == 2  # the trip and one probe
-    assert all(d.verdict.decision.action is Action.REQUEUE for d in deliveries)
+    for d in deliveries:
+        assert d.verdict.decision == Decision(Action.RETRY, delay_s=1.0, counts=False)
+        assert d.verdict.attempt == 0
 
 
 async def test_breaker_cancelled_probe_frees_the_slot() -> None:
