@@ -112,6 +112,8 @@ class StandInStats:
     peak_in_flight: int = 0
     truncated: int = 0
     held: int = 0
+    # Store calls in flight whose client is still connected, i.e. still waiting for the answer.
+    waiting: int = 0
 
 
 def _rpc_error(status: int, message: str, code: int = -32600) -> web.Response:
@@ -188,6 +190,7 @@ class StandIn:
         self._stats = StandInStats()
         self._keys: set[str] = set()
         self._items: deque[_Payload] = deque(maxlen=self.config.max_items)
+        self._open: dict[int, web.Request] = {}  # by id(): a Request is not hashable
         # Each session maps to the event its open GET stream waits on, if it has one.
         self._sessions: dict[str, asyncio.Event | None] = {}
         self._gate: asyncio.Event | None = None
@@ -209,7 +212,10 @@ class StandIn:
     @property
     def stats(self) -> StandInStats:
         """A snapshot of the counters."""
-        return dataclasses.replace(self._stats, faults=dict(self._stats.faults))
+        waiting = sum(
+            1 for r in self._open.values() if r.transport and not r.transport.is_closing()
+        )
+        return dataclasses.replace(self._stats, faults=dict(self._stats.faults), waiting=waiting)
 
     @property
     def items(self) -> list[_Payload]:
@@ -421,6 +427,7 @@ class StandIn:
         stats.calls += 1
         stats.in_flight += 1
         stats.peak_in_flight = max(stats.peak_in_flight, stats.in_flight)
+        self._open[id(request)] = request
         try:
             if (gate := self._gate) is not None:
                 self._stats.held += 1
@@ -448,6 +455,7 @@ class StandIn:
                 return answer
         finally:
             self._stats.in_flight -= 1
+            del self._open[id(request)]
 
     def _semaphore(self) -> asyncio.Semaphore | None:
         limit = self.config.max_concurrency

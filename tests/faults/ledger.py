@@ -1,11 +1,13 @@
-"""What fault tests share: the ledger, waiting for a drained run, broker tools, a TCP proxy."""
+"""What fault tests share: the ledger, the early-ack probe, the drain wait, broker tools."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from dataclasses import dataclass, field
-from urllib.parse import urlparse, urlunparse
+from urllib.parse import unquote, urlparse, urlunparse
+
+from aio_pika.abc import AbstractIncomingMessage
 
 from tests.integration.helpers import depth, take_all
 from worker.standin import StandIn
@@ -16,13 +18,21 @@ FAST_RECONNECT = "reconnect_interval=0.5"
 
 @dataclass
 class Ledger:
-    """Where every published item ended up."""
+    """Where every published item ended up, and how many acks came before their store.
+
+    `early_acks` is measured by an `EarlyAcks` probe run alongside the test (None when the
+    test ran none): the largest number of deliveries the broker had already seen acked while
+    their store was still open at the stand-in, over every sample. See `EarlyAcks`.
+    `letters` keeps the dead letters `tally` drained, for a test to read their headers.
+    """
 
     published: int
     stored: int
     duplicates: int
     dead_lettered: dict[str, int] = field(default_factory=dict)
     still_queued: int = 0
+    early_acks: int | None = None
+    letters: list[AbstractIncomingMessage] = field(default_factory=list)  # the drained DLQ
 
     @property
     def dead(self) -> int:
@@ -36,24 +46,136 @@ class Ledger:
         return (
             f"Ledger(published={self.published}, stored={self.stored}, "
             f"duplicates={self.duplicates}, dead_lettered={self.dead_lettered}, "
-            f"still_queued={self.still_queued}, lost={self.lost})"
+            f"still_queued={self.still_queued}, lost={self.lost}, "
+            f"early_acks={'not measured' if self.early_acks is None else self.early_acks})"
         )
 
 
-async def tally(connection, settings, sb: StandIn, published: int) -> Ledger:
-    """Count the stand-in's rows, drain the DLQ by reason, and count what is still queued."""
+async def tally(
+    connection, settings, sb: StandIn, published: int, early: EarlyAcks | None = None
+) -> Ledger:
+    """Count the stand-in's rows, drain the DLQ by reason, count what is still queued.
+
+    With an `early` probe, its worst excess becomes the ledger's `early_acks`.
+    """
     topology = Topology.from_settings(settings)
     dead: dict[str, int] = {}
-    for message in await take_all(connection, topology.dead_letter_queue):
+    letters = await take_all(connection, topology.dead_letter_queue)
+    for message in letters:
         reason = str((message.headers or {}).get(H_REASON, "broker"))
         dead[reason] = dead.get(reason, 0) + 1
     queued = await depth(connection, topology.queue)
     for tier in topology.tiers:
         queued += await depth(connection, tier.queue)
     stats = sb.stats
-    ledger = Ledger(published, stats.distinct_keys, stats.duplicates, dead, queued)
+    ledger = Ledger(published, stats.distinct_keys, stats.duplicates, dead, queued, letters=letters)
+    if early is not None:
+        ledger.early_acks = early.early_acks
+        print(early)
     print(ledger)
     return ledger
+
+
+class EarlyAcks:
+    """Samples, during a run, the broker's unacked deliveries against the stand-in's open stores.
+
+    A store the stand-in has started and not answered, whose client is still connected
+    (`StandInStats.waiting`), belongs to a delivery the worker has not settled: the worker
+    settles after the answer, or after giving up on it, and giving up closes the connection.
+    So without early acks the broker counts at least that many deliveries unacked on the
+    worker's channels. rabbitmqctl reads that count (`list_channels messages_unacknowledged`,
+    over the connections named `memory-worker <worker.id>`): it is live, where a quorum
+    queue's own `messages_unacknowledged` is refreshed only every few seconds.
+
+    One sample reads the stand-in, then the broker, then the stand-in again. A store still
+    waiting at the end either started during the read (counted in `calls`) or was waiting
+    throughout, so `waiting_after - started_during` stores surely waited while the broker
+    counted. The excess of that over unacked is the number of early acks seen; the probe
+    keeps the largest. It is a lower bound: a prefetched delivery not yet started counts as
+    unacked too and can hide one. A sample in which no store started or ended is exact
+    (`exact` counts those): a held or paused sink gives many. A connection opened between
+    the two rabbitmqctl calls of a sample is missed, so tests that cut connections skip it.
+    """
+
+    def __init__(self, sb: StandIn, settings, interval_s: float = 0.5) -> None:
+        self._sb = sb
+        self._connection_name = f"memory-worker {settings.worker.id}"
+        self._interval_s = interval_s
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.samples = 0
+        self.exact = 0
+        self.worst = 0  # the largest (surely waiting - unacked); above 0 is an early ack
+        self.max_unacked = 0
+
+    @property
+    def early_acks(self) -> int:
+        """Early acks seen in the worst sample."""
+        return max(0, self.worst)
+
+    async def sample(self) -> tuple[int, int]:
+        """Take one sample; returns (stores surely waiting, unacked deliveries)."""
+        before = self._sb.stats
+        unacked = await unacked_deliveries(self._connection_name)
+        after = self._sb.stats
+        started = after.calls - before.calls
+        waiting = max(0, after.waiting - started)
+        self.samples += 1
+        if started == 0 and (after.in_flight, after.waiting) == (before.in_flight, before.waiting):
+            self.exact += 1
+        self.worst = max(self.worst, waiting - unacked)
+        self.max_unacked = max(self.max_unacked, unacked)
+        return waiting, unacked
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await self.sample()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._interval_s)
+
+    async def __aenter__(self) -> EarlyAcks:
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # Let the sample in progress finish rather than orphan its rabbitmqctl process.
+        self._stop.set()
+        assert self._task is not None
+        await self._task
+
+    def __str__(self) -> str:
+        return (
+            f"EarlyAcks(samples={self.samples}, exact={self.exact}, "
+            f"max_unacked={self.max_unacked}, early_acks={self.early_acks})"
+        )
+
+
+def vhost(amqp_url: str) -> str:
+    """The virtual host an AMQP URL names ("/" when it names none)."""
+    path = urlparse(amqp_url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
+async def unacked_deliveries(connection_name: str) -> int:
+    """Deliveries unacked on the channels of the connections named `connection_name`."""
+    pids = set(await connection_pids(connection_name))
+    raw = await rabbitmqctl(
+        "list_channels", "--no-table-headers", "connection", "messages_unacknowledged"
+    )
+    rows = (line.rsplit("\t", 1) for line in raw.splitlines() if "\t" in line)
+    return sum(int(count) for pid, count in rows if pid in pids)
+
+
+async def unacked_in_queue(queue: str, vhost: str = "/") -> int:
+    """The queue's own `messages_unacknowledged` (refreshed periodically for quorum queues)."""
+    raw = await rabbitmqctl(
+        "list_queues", "-p", vhost, "--no-table-headers", "name", "messages_unacknowledged"
+    )
+    for line in raw.splitlines():
+        name, _, count = line.rpartition("\t")
+        if name == queue:
+            return int(count)
+    raise AssertionError(f"queue {queue!r} not found by rabbitmqctl in vhost {vhost!r}")
 
 
 async def drained(

@@ -283,6 +283,36 @@ async def test_hold_and_release(sb: StandIn, http: httpx.AsyncClient) -> None:
     assert sb.held == 0 and sb.stats.stored == 3 and sb.stats.peak_in_flight == 3
 
 
+async def test_waiting_counts_held_calls_until_their_client_leaves(sb: StandIn) -> None:
+    """`waiting` counts in-flight store calls whose client is still connected; `calls` all calls."""
+    sb.hold()
+    async with httpx.AsyncClient(timeout=5) as patient, httpx.AsyncClient(timeout=5) as leaving:
+        stays = asyncio.create_task(
+            store(patient, sb, await open_session(patient, sb), {"content": "a"})
+        )
+        headers = await open_session(leaving, sb)
+        goes = [
+            asyncio.create_task(store(leaving, sb, headers, {"content": f"{i}"})) for i in range(2)
+        ]
+        for _ in range(200):
+            if sb.held == 3:
+                break
+            await asyncio.sleep(0.01)
+        assert sb.stats.waiting == 3 and sb.stats.calls == 3
+        for task in goes:
+            task.cancel()
+        await asyncio.gather(*goes, return_exceptions=True)
+        await leaving.aclose()
+        for _ in range(200):
+            if sb.stats.waiting == 1:
+                break
+            await asyncio.sleep(0.01)
+        assert sb.stats.waiting == 1 and sb.stats.in_flight == 3
+        sb.release()
+        assert (await stays)[0].startswith(SUCCESS)
+    assert sb.stats.waiting == 0 and sb.stats.calls == 3
+
+
 async def test_max_concurrency_serialises_calls(sb: StandIn, http: httpx.AsyncClient) -> None:
     """With max_concurrency 1 and 50 ms per call, four calls take about 200 ms."""
     headers = await open_session(http, sb)
