@@ -36,6 +36,7 @@ class Kind(enum.StrEnum):
     TIMEOUT = "timeout"
     CRASHED = "crashed"
     CANCELLED = "cancelled"
+    DEFERRED = "deferred"
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class Outcome:
     detail: str = ""
     invalid_reason: Reason | None = None
     retry_after_s: float | None = None
+    overload: bool = False
 
     @classmethod
     def stored(cls) -> Outcome:
@@ -68,14 +70,16 @@ class Outcome:
         return cls(Kind.REJECTED, detail)
 
     @classmethod
-    def transient(cls, detail: str, retry_after_s: float | None = None) -> Outcome:
-        """The sink may accept the item later."""
-        return cls(Kind.TRANSIENT, detail, retry_after_s=retry_after_s)
+    def transient(
+        cls, detail: str, retry_after_s: float | None = None, *, overload: bool = False
+    ) -> Outcome:
+        """The sink may accept the item later; `overload` when it said it is too busy."""
+        return cls(Kind.TRANSIENT, detail, retry_after_s=retry_after_s, overload=overload)
 
     @classmethod
     def timeout(cls, timeout_s: float) -> Outcome:
         """The per-item timeout ran out."""
-        return cls(Kind.TIMEOUT, f"no answer within {timeout_s:g} s")
+        return cls(Kind.TIMEOUT, f"no answer within {timeout_s:g} s", overload=True)
 
     @classmethod
     def crashed(cls, exc: BaseException) -> Outcome:
@@ -86,6 +90,11 @@ class Outcome:
     def cancelled(cls) -> Outcome:
         """The worker is shutting down before the insert finished."""
         return cls(Kind.CANCELLED, "worker shutting down")
+
+    @classmethod
+    def deferred(cls, detail: str) -> Outcome:
+        """Another worker is storing the same item now; not attempted here."""
+        return cls(Kind.DEFERRED, detail)
 
 
 class Action(enum.StrEnum):
@@ -141,13 +150,17 @@ def classify(
     message did nothing wrong, the worker is leaving. A transient failure while the failure
     is `systemic` (the sink's circuit breaker is not closed) is parked for `base_s` without
     counting an attempt: a fresh copy, because every requeue of the same message counts toward
-    the quorum queue's delivery limit, and a long outage would use it up.
+    the quorum queue's delivery limit, and a long outage would use it up. So is a deferred
+    item, whose store another worker has in flight (the shared ledger says so).
     """
     match outcome.kind:
         case Kind.STORED | Kind.DUPLICATE:
             return Decision(Action.ACK)
         case Kind.CANCELLED:
             return Decision(Action.REQUEUE)
+        case Kind.DEFERRED:
+            # It waits for the other store's verdict; that is no fault of the message.
+            return Decision(Action.RETRY, delay_s=policy.base_s, counts=False)
         case Kind.INVALID:
             return Decision(Action.DEAD_LETTER, outcome.invalid_reason or Reason.SCHEMA)
         case Kind.REJECTED:

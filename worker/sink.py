@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import email.utils
 import itertools
+import json
 import math
 import re
 import time
@@ -96,7 +97,7 @@ def _http_failure(response: httpx.Response) -> Outcome:
     status = response.status_code
     detail = _clip(f"HTTP {status}: {response.text.strip()}")
     if status in (401, 403, 408, 425, 429) or status >= 500:
-        return Outcome.transient(detail, retry_after_s(response))
+        return Outcome.transient(detail, retry_after_s(response), overload=status in (429, 503))
     return Outcome.rejected(detail)
 
 
@@ -204,7 +205,7 @@ class McpSink:
             except SessionLost:
                 continue
             except httpx.TimeoutException as exc:
-                return Outcome.transient(f"timeout: {type(exc).__name__}")
+                return Outcome.transient(f"timeout: {type(exc).__name__}", overload=True)
             except httpx.TransportError as exc:
                 return Outcome.transient(f"{type(exc).__name__}: {exc}")
         return Outcome.transient("session lost twice in a row")
@@ -246,12 +247,17 @@ class McpSink:
             return Outcome.transient(_clip(f"unreadable answer: {exc}"))
         if answer is None:
             return Outcome.transient("no JSON-RPC answer in the response")
-        if "error" in answer:
-            err = answer["error"]
+        err, result = answer.get("error"), answer.get("result") or {}
+        # An answer of the wrong shape is the server's problem, like an unreadable one.
+        if err is not None and not isinstance(err, Mapping):
+            return Outcome.transient(_clip(f"malformed JSON-RPC error: {err!r}"))
+        if not isinstance(result, Mapping) or not isinstance(result.get("content") or [], list):
+            return Outcome.transient(_clip(f"malformed tools/call result: {result!r}"))
+        if err is not None:
             text = _clip(f"JSON-RPC {err.get('code')}: {err.get('message')}")
             # Invalid params is the item's fault; anything else is the server's.
             return Outcome.rejected(text) if err.get("code") == -32602 else Outcome.transient(text)
-        return judge_tool_result(answer.get("result") or {})
+        return judge_tool_result(result)
 
     async def _post(self, payload: Mapping[str, Any], session: str | None) -> httpx.Response:
         headers = {
@@ -325,13 +331,18 @@ class HttpSink:
         if request.extra_tags:
             body["tags"] = list(request.extra_tags)
         try:
+            content = orjson.dumps(body)
+        except TypeError:
+            # orjson stops at 64-bit integers; decoding admits wider ones in extra metadata.
+            content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        try:
             response = await self._client.post(
                 self._url,
-                content=orjson.dumps(body),
+                content=content,
                 headers={"content-type": "application/json", "idempotency-key": request.key},
             )
         except httpx.TimeoutException as exc:
-            return Outcome.transient(f"timeout: {type(exc).__name__}")
+            return Outcome.transient(f"timeout: {type(exc).__name__}", overload=True)
         except httpx.TransportError as exc:
             return Outcome.transient(f"{type(exc).__name__}: {exc}")
         if response.is_success or response.status_code == 409:

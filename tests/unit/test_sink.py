@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from tests.unit.fakes import isolate_settings
+from worker.models import decode_item
 from worker.outcome import Kind, Outcome
 from worker.settings import Settings, SinkSettings
 from worker.sink import HttpSink, McpSink, StoreRequest, make_client, reflection_arguments
@@ -271,12 +272,12 @@ async def test_concurrent_session_loss_opens_one_session() -> None:
 )
 @pytest.mark.parametrize("status", [429, 503])
 async def test_retry_after_seconds(status: int, retry_after: str | None, expected_s: Any) -> None:
-    """429/503 are transient and carry Retry-After given in seconds."""
+    """429/503 are transient overload signals and carry Retry-After given in seconds."""
     headers = {"retry-after": retry_after} if retry_after is not None else {}
     server = FakeMcp()
     server.reply = lambda _: httpx.Response(status, text="slow down", headers=headers)
     outcome = await mcp_sink(server).store(request())
-    assert outcome.kind is Kind.TRANSIENT
+    assert outcome.kind is Kind.TRANSIENT and outcome.overload
     assert outcome.retry_after_s == expected_s
     assert str(status) in outcome.detail
 
@@ -299,7 +300,7 @@ async def test_retry_after_date_in_the_past_is_zero() -> None:
     header = "Wed, 21 Oct 2015 07:28:00 GMT"
     server.reply = lambda _: httpx.Response(429, headers={"retry-after": header})
     outcome = await mcp_sink(server).store(request())
-    assert outcome == Outcome(Kind.TRANSIENT, outcome.detail, retry_after_s=0.0)
+    assert outcome == Outcome(Kind.TRANSIENT, outcome.detail, retry_after_s=0.0, overload=True)
 
 
 @pytest.mark.parametrize("garbage", ["soon", "tomorrow-ish", "Fri, 99 Foo 20xx", "inf"])
@@ -310,6 +311,15 @@ async def test_unparseable_retry_after_is_ignored(garbage: str) -> None:
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is Kind.TRANSIENT
     assert outcome.retry_after_s is None
+
+
+@pytest.mark.parametrize("status", [500, 502, 504, 401, 403, 408])
+async def test_other_transient_statuses_are_not_overload(status: int) -> None:
+    """Only 429 and 503 say the sink is too busy; other transient statuses do not shrink a limit."""
+    server = FakeMcp()
+    server.reply = lambda _: httpx.Response(status, text="no")
+    outcome = await mcp_sink(server).store(request())
+    assert outcome.kind is Kind.TRANSIENT and not outcome.overload
 
 
 @pytest.mark.parametrize(
@@ -409,6 +419,24 @@ async def test_unparseable_200_answer_is_transient(content_type: str, body: str)
     """A 200 whose body is not JSON-RPC (e.g. a proxy page) is transient, not an exception."""
     server = FakeMcp()
     server.reply = lambda _: httpx.Response(200, text=body, headers={"content-type": content_type})
+    outcome = await mcp_sink(server).store(request())
+    assert outcome.kind is Kind.TRANSIENT
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"error": "boom"},
+        {"result": "stored successfully"},
+        {"result": ["stored successfully"]},
+        {"result": {"content": 5}},
+        {"result": {"content": "stored successfully"}},
+    ],
+)
+async def test_malformed_200_answer_is_transient_not_a_crash(answer: dict[str, Any]) -> None:
+    """A JSON-RPC answer of the wrong shape is the server's fault: transient, never raised."""
+    server = FakeMcp()
+    server.reply = lambda _: answer
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is Kind.TRANSIENT
 
@@ -598,3 +626,14 @@ async def test_http_sink_transport_errors(exc_type: type[httpx.TransportError]) 
     """HttpSink turns transport errors into transient outcomes."""
     outcome = await http_sink(raising(exc_type)).store(request())
     assert outcome.kind is Kind.TRANSIENT
+
+
+async def test_http_sink_posts_integers_wider_than_64_bits() -> None:
+    """A metadata integer the decoder admits (up to 30 digits) is posted, not a crash."""
+    body = json.dumps({"content": "hello", "metadata": {**META, "trace": int("9" * 25)}})
+    item = decode_item(body.encode(), "application/json")
+    metadata = item.metadata.model_dump(mode="json", exclude_none=True)
+    server = FakeHttp(201)
+    outcome = await http_sink(server).store(StoreRequest("hello", metadata, "key-1"))
+    assert outcome.kind is Kind.STORED
+    assert json.loads(server.requests[0].content)["metadata"]["trace"] == int("9" * 25)
