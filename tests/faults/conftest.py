@@ -1,3 +1,9 @@
 """Fault tests reuse the integration fixtures: a real broker, per-test names, a connection."""
 
-from tests.integration.conftest import amqp_url, connection, make_settings  # noqa: F401
+from tests.integration.conftest import (  # noqa: F401
+    amqp_url,
+    connection,
+    ledger_prefix,
+    make_settings,
+    redis_url,
+)
