@@ -1,7 +1,7 @@
 """memory-worker's benchmark: real worker processes, a real RabbitMQ, a stand-in Session-Buddy.
 
-    python -m loadtest.bench all --quick        # every scenario, reduced (< 3 minutes)
-    python -m loadtest.bench all                # the full set (< 25 minutes)
+    python -m loadtest.bench all --quick        # every scenario, reduced (< 5 minutes)
+    python -m loadtest.bench all                # the full set (< 30 minutes)
     python -m loadtest.bench concurrency cpu    # some scenarios
 
 Results go to `loadtest/results/<scenario>.{json,md}` (quick: `loadtest/results/quick/`);
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,7 @@ from loadtest.harness import (
     item_body,
     machine,
     mcp_tool_text,
+    percentiles,
     session_buddy_home,
 )
 from loadtest.runs import Bench, RunSpec, Sink, run_or_raise
@@ -496,9 +498,10 @@ def _act008_md(
 
 
 async def _sweep(
-    bench: Bench, specs: Sequence[RunSpec], sink: Sink | None = None
+    bench: Bench, specs: Sequence[RunSpec], sink: Sink | None = None, retries: int | None = None
 ) -> list[dict[str, Any]]:
     """Run each spec; on a shared machine, rerun a disturbed run and keep the quietest."""
+    retries = bench.noisy_retries if retries is None else min(retries, bench.noisy_retries)
     results = []
     for spec in specs:
         attempts: list[dict[str, Any]] = []
@@ -507,7 +510,7 @@ async def _sweep(
             attempts.append(result)
             noise = _unrelated(result)
             _say_run(bench, result, noise)
-            if noise <= NOISY_CORES or len(attempts) > bench.noisy_retries:
+            if noise <= NOISY_CORES or len(attempts) > retries:
                 break
             say(bench, f"  {noise:.2f} cores of unrelated load: running {spec.label} again")
         best = min(attempts, key=_unrelated)
@@ -1004,6 +1007,451 @@ async def scenario_session_buddy(bench: Bench, opt: Options) -> Outcome:
     return Outcome(data, md, [ledger_target(results), count])
 
 
+# --- adaptive concurrency -------------------------------------------------------------------
+
+SERIAL_MS = 22.0  # the real Session-Buddy's ~45 calls/s, one at a time
+DROP_CAPACITY = 5
+ADAPTIVE_MAX = 50
+
+
+def _window(rows: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """The steady part of a drain: the 10th to the 90th percentile of settle times."""
+    times = [t for t, _ in rows]
+    if len(times) < 10:
+        return (times[0], times[-1]) if times else (0.0, 0.0)
+    return times[int(len(times) * 0.1)], times[int(len(times) * 0.9) - 1]
+
+
+def _store_latency(rows: Sequence[tuple[float, float]], lo: float, hi: float) -> dict[str, Any]:
+    """p50/p95/p99 of the store latencies of items settled in [lo, hi], and how many."""
+    values = [ms for t, ms in rows if lo <= t <= hi]
+    p50, p95, p99 = percentiles(values)
+    return {"n": len(values), "p50_ms": p50, "p95_ms": p95, "p99_ms": p99}
+
+
+def _limits(timeline: Sequence[tuple[float, int]], lo: float, hi: float) -> dict[str, Any]:
+    """Median, range and number of changes of the polled limit within [lo, hi]."""
+    values = [v for t, v in timeline if lo <= t <= hi]
+    if not values:
+        return {"median": None, "min": None, "max": None, "changes": 0}
+    changes = sum(a != b for a, b in itertools.pairwise(values))
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "changes": changes,
+    }
+
+
+def _first(
+    timeline: Sequence[tuple[float, int]], after: float, hit: Callable[[int], bool]
+) -> float | None:
+    """Seconds from `after` to the first polled limit at or after it for which `hit` holds."""
+    return next((t - after for t, v in timeline if t >= after and hit(v)), None)
+
+
+async def _compare(
+    bench: Bench, opt: Options, sink: Sink, name: str, items: int, latency_ms: float = 0.0
+) -> list[dict[str, Any]]:
+    """Unloaded (c = 1), fixed c = 50 and adaptive (max 50) drains of one backlog each."""
+    capacity = 1 if sink.standin is not None else None
+    unloaded = RunSpec(
+        f"{name} c=1 (unloaded)",
+        1,
+        latency_ms=latency_ms,
+        items=max(40, items // 2),
+        capacity=capacity,
+        watch_limit_s=0.1,
+        store_latency=True,
+        rss_every_s=0.0,
+        max_s=120.0,
+    )
+    specs = [
+        unloaded,
+        replace(
+            unloaded, label=f"{name} fixed c={ADAPTIVE_MAX}", concurrency=ADAPTIVE_MAX, items=items
+        ),
+        replace(
+            unloaded,
+            label=f"{name} adaptive ≤{ADAPTIVE_MAX}",
+            concurrency=ADAPTIVE_MAX,
+            adaptive=True,
+            items=items,
+        ),
+    ]
+    results = await _sweep(bench, specs, sink, retries=1)
+    for r in results:
+        rows = r["store_latency"]
+        lo, hi = _window(rows)
+        r["steady"] = {
+            "window_s": [lo, hi],
+            "store_latency": _store_latency(rows, lo, hi),
+            "limit": _limits(r["limit_timeline"], lo, hi),
+        }
+        lat, lim = r["steady"]["store_latency"], r["steady"]["limit"]
+        say(
+            bench,
+            f"  {r['spec']['label']}: store latency p50/p95/p99 "
+            f"{lat['p50_ms']:.0f}/{lat['p95_ms']:.0f}/{lat['p99_ms']:.0f} ms, limit median "
+            f"{lim['median']} ({lim['min']}–{lim['max']}, {lim['changes']} changes)",
+        )
+    return results
+
+
+def _compare_rows(results: Sequence[dict[str, Any]]) -> list[list[str]]:
+    """One table row per run of `_compare`: throughput, store latency, limit, ledger."""
+    f = report.fmt
+    unloaded = results[0]["steady"]["store_latency"]
+    fixed = results[1]["prefilled"]["throughput_items_per_s"]
+    rows = []
+    for r in results:
+        tput = r["prefilled"]["throughput_items_per_s"]
+        lat, lim, ledger = r["steady"]["store_latency"], r["steady"]["limit"], r["ledger"]
+        rows.append(
+            [
+                r["spec"]["label"],
+                f(tput, 1),
+                f(tput / fixed, 2),
+                f(lat["p50_ms"]),
+                f(lat["p95_ms"]),
+                f(lat["p99_ms"]),
+                f(lat["p95_ms"] / unloaded["p95_ms"], 2),
+                f(lat["p95_ms"] / unloaded["p50_ms"], 2),
+                f"{f(lim['median'], 0)} ({lim['min']}–{lim['max']})",
+                f(lim["changes"]),
+                f(r["prefilled"]["unrelated_busy_cores"], 2),
+                f(ledger["published"]),
+                f(ledger["stored"]),
+                f(ledger["dead_lettered"]),
+                f(ledger["queued"]),
+                f(ledger["lost"]),
+                f(ledger["duplicates"]),
+            ]
+        )
+    return rows
+
+
+COMPARE_HEADERS = [
+    "run",
+    "items/s",
+    "÷ fixed c=50",
+    "store p50 ms",
+    "p95 ms",
+    "p99 ms",
+    "p95 ÷ unloaded p95",
+    "p95 ÷ unloaded p50",
+    "limit: median (min–max)",
+    "limit changes",
+    "unrelated load, cores",
+    "published",
+    "stored",
+    "DLQ",
+    "queued",
+    "lost",
+    "dup",
+]
+
+
+def _compare_targets(sink: str, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Adaptive against fixed c = 50: throughput kept, p95 near the unloaded latency."""
+    unloaded = results[0]["steady"]["store_latency"]["p95_ms"]
+    fixed, adaptive = results[1], results[2]
+    ratio = (
+        adaptive["prefilled"]["throughput_items_per_s"]
+        / fixed["prefilled"]["throughput_items_per_s"]
+    )
+    p95 = adaptive["steady"]["store_latency"]["p95_ms"]
+    fixed_p95 = fixed["steady"]["store_latency"]["p95_ms"]
+    return [
+        target(
+            f"{sink}: adaptive keeps the throughput of fixed c=50",
+            "≥ 0.90 × fixed",
+            f"{ratio:.2f} × ({adaptive['prefilled']['throughput_items_per_s']:.1f} vs "
+            f"{fixed['prefilled']['throughput_items_per_s']:.1f} items/s)",
+            ratio >= 0.9,
+        ),
+        target(
+            f"{sink}: adaptive p95 store latency near the unloaded latency",
+            f"≤ 2 × unloaded p95 ({2 * unloaded:.0f} ms)",
+            f"{p95:.0f} ms = {p95 / unloaded:.2f} × (fixed c=50: {fixed_p95:.0f} ms)",
+            p95 <= 2 * unloaded,
+        ),
+    ]
+
+
+async def _capacity_drop(bench: Bench, opt: Options) -> list[dict[str, Any]]:
+    """50 ms, no cap → capacity 5 for a while → no cap: fixed c = 50, then adaptive (max 50)."""
+    drop_s = opt.pick(10.0, 4.0)
+    results = []
+    # (label, adaptive, healthy s before the drop, s after it): adaptive needs time to climb.
+    for label, adaptive, before_s, after_s in (
+        (f"drop fixed c={ADAPTIVE_MAX}", False, opt.pick(4.0, 3.0), opt.pick(4.0, 3.0)),
+        (f"drop adaptive ≤{ADAPTIVE_MAX}", True, opt.pick(10.0, 6.0), opt.pick(25.0, 8.0)),
+    ):
+        total_s = before_s + drop_s + after_s
+        ideal = ADAPTIVE_MAX / 0.05
+        # Enough that the backlog outlasts the run even at the ideal rate; the rest stays queued.
+        items = int(ideal * (before_s + after_s) + DROP_CAPACITY / 0.05 * drop_s + 1000)
+        spec = RunSpec(
+            label,
+            ADAPTIVE_MAX,
+            latency_ms=50.0,
+            adaptive=adaptive,
+            items=items,
+            capacity_changes=((before_s, DROP_CAPACITY), (before_s + drop_s, None)),
+            stop_after_s=total_s,
+            watch_limit_s=0.1,
+            store_latency=True,
+            rss_every_s=0.0,
+            max_s=total_s + 30,
+        )
+        [r] = await _sweep(bench, [spec], retries=0)
+        results.append(r)
+        r["drop"] = _drop_figures(r, before_s, drop_s, total_s)
+        d = r["drop"]
+        say(
+            bench,
+            f"  {label}: reached {ADAPTIVE_MAX} after {report.fmt(d['reached_max_s'])} s; "
+            f"< {2 * DROP_CAPACITY} {report.fmt(d['fell_s'])} s after the drop; back at "
+            f"{ADAPTIVE_MAX} {report.fmt(d['recovered_s'])} s after; p95 in the drop "
+            f"{d['during']['p95_ms']:.0f} ms",
+        )
+    return results
+
+
+def _drop_figures(
+    r: dict[str, Any], before_s: float, drop_s: float, total_s: float
+) -> dict[str, Any]:
+    """How the limit and store latency followed the capacity drop of one run."""
+    applied = dict((cap, t) for t, cap in r["capacity_changes"])
+    t_drop = applied.get(DROP_CAPACITY, before_s)
+    t_back = applied.get(None, before_s + drop_s)
+    limits, rows = r["limit_timeline"], r["store_latency"]
+    full = ADAPTIVE_MAX
+
+    def rate(lo: float, hi: float) -> float:
+        return sum(lo <= t < hi for t, _ in rows) / (hi - lo) if hi > lo else float("nan")
+
+    during = _limits(limits, t_drop, t_back)
+    after = [(t, v) for t, v in limits if t_back <= t <= total_s]
+    climb = None
+    if after:
+        top = max(v for _, v in after)
+        t_top = next(t for t, v in after if v == top)
+        # From the lowest point after the lift to the first time at the highest.
+        low_t, low = min(((t, v) for t, v in after if t <= t_top), key=lambda x: x[1])
+        climb = (top - low) / (t_top - low_t) if t_top > low_t else None
+    return {
+        "t_drop_s": t_drop,
+        "t_back_s": t_back,
+        "t_end_s": total_s,
+        "reached_max_s": _first(limits, 0.0, lambda v: v >= full),
+        "fell_s": _first(limits, t_drop, lambda v: v < 2 * DROP_CAPACITY),
+        "recovered_s": _first(limits, t_back, lambda v: v >= full),
+        "limit_during": during,
+        "limit_after_max": _limits(limits, t_back, total_s)["max"],
+        "climb_per_s": climb,
+        "healthy": _store_latency(rows, max(0.0, t_drop - 3.0), t_drop),
+        "during": _store_latency(rows, t_drop, t_back),
+        "during_second_half": _store_latency(rows, (t_drop + t_back) / 2, t_back),
+        "after": _store_latency(rows, t_back, total_s),
+        "items_per_s_healthy": rate(max(0.0, t_drop - 3.0), t_drop),
+        "items_per_s_during": rate(t_drop, t_back),
+        "items_per_s_after": rate(t_back, total_s),
+    }
+
+
+def _plot_drop(path: Path, results: Sequence[dict[str, Any]]) -> None:
+    """Limit and store latency p95 over time around the drop, fixed against adaptive."""
+    series_limit, series_p95 = {}, {}
+    for r in results:
+        d = r["drop"]
+        name = "adaptive" if r["spec"]["adaptive"] else f"fixed c={ADAPTIVE_MAX}"
+        t_drop, t_end = d["t_drop_s"], d["t_end_s"]
+        series_limit[name] = [(t - t_drop, v) for t, v in r["limit_timeline"] if t <= t_end]
+        buckets: dict[int, list[float]] = {}
+        for t, ms in r["store_latency"]:
+            if t <= t_end:
+                buckets.setdefault(math.floor((t - t_drop) / 0.5), []).append(ms)
+        series_p95[name] = [
+            (b * 0.5 + 0.25, percentiles(v, (95,))[0]) for b, v in sorted(buckets.items())
+        ]
+    d = results[-1]["drop"]
+    report.plot_adaptive(
+        path,
+        f"50 ms sink, capacity {DROP_CAPACITY} for {d['t_back_s'] - d['t_drop_s']:.0f} s: "
+        f"limit and store latency",
+        series_limit,
+        series_p95,
+        (0.0, d["t_back_s"] - d["t_drop_s"]),
+    )
+
+
+async def scenario_adaptive(bench: Bench, opt: Options) -> Outcome:
+    """Adaptive concurrency against a fixed limit of 50: serial sinks and a capacity drop."""
+    items = opt.pick(700, 150)
+    serial = await _compare(
+        bench, opt, standin_sink(bench), "serial stand-in", items, latency_ms=SERIAL_MS
+    )
+    real: list[dict[str, Any]] = []
+    real_note = ""
+    home = opt.session_buddy_home
+    if SessionBuddyProcess.installed(home):
+        state = Path(tempfile.mkdtemp(prefix="bench-sb-"))
+        try:
+            log = bench.logs / "session-buddy-adaptive.log"
+            async with SessionBuddyProcess(home, state, log) as sb:
+                say(bench, f"Session-Buddy up on {sb.url}; warming up (first store is slow)")
+                await inprocess_s(sb.url, 1, fresh_items(1), "stream")
+                real = await _compare(
+                    bench, opt, Sink(sb.url, None, sb.pid), "session-buddy", opt.pick(600, 150)
+                )
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
+    else:
+        real_note = (
+            f"Real Session-Buddy not installed in `{home}` (set SESSION_BUDDY_HOME or run "
+            "`loadtest/session_buddy/install.sh`): skipped."
+        )
+    drop = await _capacity_drop(bench, opt)
+    _plot_drop(opt.plots / "adaptive.png", drop)
+    md, goals = _adaptive_md(serial, real, real_note, drop)
+    data = {"serial_standin": serial, "session_buddy": real, "capacity_drop": drop}
+    return Outcome(data, md, goals)
+
+
+def _adaptive_md(
+    serial: list[dict[str, Any]],
+    real: list[dict[str, Any]],
+    real_note: str,
+    drop: list[dict[str, Any]],
+) -> tuple[str, list[dict[str, Any]]]:
+    f = report.fmt
+    parts = [
+        "## Adaptive concurrency against a fixed limit",
+        "The other scenarios run with `pools.adaptive_concurrency: false` (a run at c keeps the "
+        "limit c); here the worker's adaptive limit (within [1, 50], starting at 1) is compared "
+        "with a fixed limit of 50. **Store latency** is each stored item's `latency_s` from the "
+        "worker's `message_settled` log line: from the moment the delivery got a slot to its "
+        "settlement (decode, the sink call, the ack), so it includes any wait inside the sink "
+        "but not a wait for a slot. The **limit** is the worker's "
+        "`memory_worker_concurrency_limit` gauge polled on `/metrics` every 100 ms. items/s and "
+        "the latency and limit figures are over the steady part of each drain (10th to 90th "
+        "percentile of settle times); **unloaded** is the c = 1 run: one call at a time, no "
+        "wait of ours in the sink; p95 is compared with its p95.",
+        f"### Serial sink: the stand-in serving one call at a time, {SERIAL_MS:g} ms each",
+        f"Like the real Session-Buddy (~45 calls/s, one at a time): `max_concurrency = 1`, "
+        f"{SERIAL_MS:g} ms per call, so the ideal is {1000 / SERIAL_MS:.1f} items/s whatever the "
+        "limit. A pre-filled backlog per run.",
+        report.md_table(COMPARE_HEADERS, _compare_rows(serial)),
+        "### Real Session-Buddy (0.36.0, fresh database, loopback)",
+    ]
+    parts += (
+        [
+            "Same three runs against the real server (items/s from the worker's log lines).",
+            report.md_table(COMPARE_HEADERS, _compare_rows(real)),
+        ]
+        if real
+        else [real_note]
+    )
+    fixed, adaptive = drop
+    df, da = fixed["drop"], adaptive["drop"]
+    drop_rows = []
+    for r in drop:
+        d = r["drop"]
+        lim = d["limit_during"]
+        moves = r["spec"]["adaptive"]  # a fixed limit never moves: its timing cells say nothing
+        drop_rows.append(
+            [
+                r["spec"]["label"],
+                f(d["reached_max_s"] if moves else None),
+                f(d["fell_s"] if moves else None),
+                f"{lim['min']}–{lim['max']}",
+                f(d["recovered_s"] if moves else None),
+                f(d["limit_after_max"]),
+                f(d["climb_per_s"] if moves else None, 2),
+                f(d["items_per_s_healthy"], 0),
+                f(d["items_per_s_during"], 0),
+                f(d["items_per_s_after"], 0),
+                f"{f(d['healthy']['p50_ms'], 0)} / {f(d['healthy']['p95_ms'], 0)}",
+                f"{f(d['during']['p50_ms'], 0)} / {f(d['during']['p95_ms'], 0)} / "
+                f"{f(d['during']['p99_ms'], 0)}",
+                f(d["during_second_half"]["p95_ms"], 0),
+                f"{f(d['after']['p50_ms'], 0)} / {f(d['after']['p95_ms'], 0)}",
+            ]
+        )
+    drop_s = da["t_back_s"] - da["t_drop_s"]
+    parts += [
+        f"### Capacity drop: 50 ms sink, capacity {DROP_CAPACITY} for {drop_s:.0f} s",
+        f"The stand-in answers in 50 ms with no cap; {da['t_drop_s']:.0f} s after the worker is "
+        f"ready its capacity drops to {DROP_CAPACITY} calls at once (the rest wait in line "
+        f"inside it), and {drop_s:.0f} s later the cap is lifted. A backlog larger than the run "
+        "can drain keeps every slot busy; what is left stays queued (the `queued` column). "
+        'Times are from the polled gauge (±0.1 s); "fell" is the first sample below '
+        f"{2 * DROP_CAPACITY} (2 × the new capacity).",
+        report.md_table(
+            [
+                "run",
+                f"limit at {ADAPTIVE_MAX} after s",
+                "fell after s",
+                "limit in the drop",
+                f"back at {ADAPTIVE_MAX} after s",
+                "highest limit after",
+                "climb, limit/s",
+                "items/s healthy",
+                "in the drop",
+                "after",
+                "store p50 / p95 ms healthy",
+                "p50 / p95 / p99 ms in the drop",
+                "p95 ms, drop's 2nd half",
+                "p50 / p95 ms after",
+            ],
+            drop_rows,
+        ),
+        ledger_table(drop),
+        "![adaptive](docs/bench/adaptive.png)",
+    ]
+    goals = _compare_targets("serial stand-in", serial)
+    if real:
+        goals += _compare_targets("real Session-Buddy", real)
+    healthy = da["healthy"]["p50_ms"]
+    goals += [
+        target(
+            f"healthy sink: the limit reaches the maximum ({ADAPTIVE_MAX})",
+            f"reaches {ADAPTIVE_MAX}",
+            f"after {f(da['reached_max_s'])} s"
+            if da["reached_max_s"] is not None
+            else f"highest {_limits(adaptive['limit_timeline'], 0, da['t_drop_s'])['max']}",
+            da["reached_max_s"] is not None,
+        ),
+        target(
+            f"capacity drops to {DROP_CAPACITY}: the limit follows within seconds",
+            f"< {2 * DROP_CAPACITY} within 5 s",
+            f"{f(da['fell_s'])} s" if da["fell_s"] is not None else "never",
+            da["fell_s"] is not None and da["fell_s"] <= 5.0,
+        ),
+        target(
+            f"capacity back: the limit climbs back to {ADAPTIVE_MAX} within seconds",
+            "within 5 s",
+            f"{f(da['recovered_s'])} s"
+            if da["recovered_s"] is not None
+            else f"not within {da['t_end_s'] - da['t_back_s']:.0f} s "
+            f"(highest {da['limit_after_max']}, climbing {f(da['climb_per_s'], 2)} per s)",
+            da["recovered_s"] is not None and da["recovered_s"] <= 5.0,
+        ),
+        target(
+            "latency stays bounded in the drop (p95, drop's 2nd half)",
+            f"≤ 2 × healthy p50 ({2 * healthy:.0f} ms)",
+            f"{da['during_second_half']['p95_ms']:.0f} ms (fixed c={ADAPTIVE_MAX}: "
+            f"{df['during_second_half']['p95_ms']:.0f} ms; whole drop "
+            f"{da['during']['p95_ms']:.0f} vs {df['during']['p95_ms']:.0f} ms)",
+            da["during_second_half"]["p95_ms"] <= 2 * healthy,
+        ),
+        ledger_target([*serial, *real, *drop]),
+    ]
+    return "\n\n".join(parts), goals
+
+
 SCENARIOS: dict[str, Scenario] = {
     "standin": scenario_standin,
     "act008": scenario_act008,
@@ -1013,6 +1461,7 @@ SCENARIOS: dict[str, Scenario] = {
     "horizontal": scenario_horizontal,
     "backlog": scenario_backlog,
     "session-buddy": scenario_session_buddy,
+    "adaptive": scenario_adaptive,
 }
 
 
@@ -1034,7 +1483,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SCENARIO",
         help=f"all (default) or some of: {', '.join(SCENARIOS)}",
     )
-    parser.add_argument("--quick", action="store_true", help="reduced sizes: < 3 minutes in all")
+    parser.add_argument("--quick", action="store_true", help="reduced sizes: < 5 minutes in all")
     parser.add_argument(
         "--out", type=Path, help="results folder (default loadtest/results[/quick])"
     )

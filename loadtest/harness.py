@@ -44,6 +44,7 @@ AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"
 COMMITTED_SETTINGS = ROOT / "settings" / "mahavishnu.yaml"
 PUBLISH_WINDOW = 1000
 FILLER = "Pool worker finished its task; summary of what it learned goes here. " * 2
+_LIMIT_GAUGE = re.compile(r"^memory_worker_concurrency_limit(?:\{[^}]*\})? (\S+)$", re.MULTILINE)
 
 
 class BenchError(Exception):
@@ -189,10 +190,29 @@ class StandInProcess:
         response.raise_for_status()
         return orjson.loads(response.content)
 
-    async def configure(self, latency_ms: float = 0.0, sigma: float = 0.0, seed: int = 1) -> None:
-        """Set the service time (median, log-normal spread) and reseed; faults stay off."""
-        patch = {"latency_s": latency_ms / 1000, "latency_sigma": sigma, "seed": seed}
+    async def configure(
+        self,
+        latency_ms: float = 0.0,
+        sigma: float = 0.0,
+        seed: int = 1,
+        max_concurrency: int | None = None,
+    ) -> None:
+        """Set the service time (median, log-normal spread) and capacity, reseed; faults stay off.
+
+        `max_concurrency` is how many calls the stand-in serves at once (None: no cap); the
+        rest wait in line inside it, as calls to a server that handles one at a time do.
+        """
+        patch = {
+            "latency_s": latency_ms / 1000,
+            "latency_sigma": sigma,
+            "seed": seed,
+            "max_concurrency": max_concurrency,
+        }
         await self._post("/_standin/config", patch)
+
+    async def set_capacity(self, max_concurrency: int | None) -> None:
+        """Change only how many calls are served at once (None: no cap), live."""
+        await self._post("/_standin/config", {"max_concurrency": max_concurrency})
 
     async def reset(self) -> None:
         """Zero the counters and forget keys and arrivals."""
@@ -276,6 +296,15 @@ class WorkerProcess:
         metrics: dict[str, Any] = response.json()
         return metrics
 
+    async def concurrency_limit(self, client: httpx.AsyncClient) -> int | None:
+        """The `memory_worker_concurrency_limit` gauge on `/metrics` (None if unreadable)."""
+        with contextlib.suppress(httpx.HTTPError):
+            response = await client.get(f"http://127.0.0.1:{self.ops_port}/metrics")
+            found = _LIMIT_GAUGE.search(response.text)
+            if found is not None:
+                return round(float(found.group(1)))
+        return None
+
     async def stop(self) -> int:
         """SIGTERM and wait for the graceful stop; returns the exit code."""
         assert self.proc is not None
@@ -291,25 +320,42 @@ class WorkerProcess:
 
     def stored_at(self) -> dict[str, float]:
         """Wall-clock time each message id was settled as stored, from the JSON log lines."""
-        stored: dict[str, float] = {}
+        return {key: ts for key, (ts, _) in self.store_latencies().items()}
+
+    def store_latencies(self) -> dict[str, tuple[float, float]]:
+        """Per message id settled as stored: (wall-clock time, the line's `latency_s`).
+
+        `latency_s` runs from the moment the delivery got a slot to its settlement: decode,
+        the sink call, the ack. Waits for a slot are not in it; waits inside the sink are.
+        """
+        stored: dict[str, tuple[float, float]] = {}
         with self.log_path.open("rb") as log:
             for line in log:
-                if b'"message_settled"' not in line or b'"outcome": "stored"' not in line:
+                if b'"message_settled"' not in line or b'"stored"' not in line:
                     continue
                 with contextlib.suppress(ValueError, KeyError):
                     event = orjson.loads(line)
+                    if event["outcome"] != "stored":
+                        continue
                     ts = datetime.fromisoformat(event["timestamp"]).timestamp()
-                    stored.setdefault(str(event["message_id"]), ts)
+                    stored.setdefault(str(event["message_id"]), (ts, float(event["latency_s"])))
         return stored
 
 
 # --- broker ---------------------------------------------------------------------------------
 
 
-def bench_settings(name: str, sink_url: str, concurrency: int) -> Settings:
-    """Settings on the run's unique names: one short retry tier, fast startup, JSON logs."""
+def bench_settings(name: str, sink_url: str, concurrency: int, adaptive: bool = False) -> Settings:
+    """Settings on the run's unique names: one short retry tier, fast startup, JSON logs.
+
+    Adaptive concurrency is off unless asked for: a run at c measures a fixed limit of c.
+    """
     return Settings(
-        pools={"max_concurrent_memory_insertions": concurrency, "session_buddy_url": sink_url},
+        pools={
+            "max_concurrent_memory_insertions": concurrency,
+            "adaptive_concurrency": adaptive,
+            "session_buddy_url": sink_url,
+        },
         rabbitmq={
             "url": AMQP_URL,
             "exchange": name,
@@ -338,6 +384,10 @@ def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
             "MAHAVISHNU_RETRY__TIERS_S": json.dumps(settings.retry.tiers_s),
             "MAHAVISHNU_POOLS__SESSION_BUDDY_URL": str(settings.pools.session_buddy_url),
             "MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS": str(settings.concurrency),
+            # Explicit either way: the committed default (on) must not change what a run means.
+            "MAHAVISHNU_POOLS__ADAPTIVE_CONCURRENCY": str(
+                settings.pools.adaptive_concurrency
+            ).lower(),
             "MAHAVISHNU_WORKER__GRACE_S": str(settings.worker.grace_s),
             "MAHAVISHNU_WORKER__LOG_FORMAT": "json",
             "MAHAVISHNU_WORKER__LOG_LEVEL": log_level,

@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt
 import orjson
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
 _FRAME = re.compile(r"^(?P<func>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
 
@@ -121,6 +122,41 @@ def plot_timeline(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
+    _save(fig, path)
+
+
+def plot_adaptive(
+    path: Path,
+    title: str,
+    limits: Mapping[str, Sequence[tuple[float, float]]],
+    p95: Mapping[str, Sequence[tuple[float, float]]],
+    drop: tuple[float, float],
+) -> None:
+    """Concurrency limit (top) and store latency p95 (bottom, log scale) around a drop window."""
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for ax in (top, bottom):
+        ax.axvspan(*drop, color="tab:red", alpha=0.08, label="capacity dropped")
+        ax.grid(alpha=0.3)
+    highest = 1.0
+    for label, points in limits.items():
+        top.step([t for t, _ in points], [v for _, v in points], where="post", label=label)
+        highest = max([highest, *(v for _, v in points)])
+    top.set_ylabel("concurrency limit")
+    top.set_ylim(0, highest * 1.3)  # room for the legend above the lines
+    top.set_title(title)
+    top.legend(loc="upper center", ncol=3)
+    slowest = 1.0
+    for label, points in p95.items():
+        bottom.plot([t for t, _ in points], [v for _, v in points], label=label)
+        slowest = max([slowest, *(v for _, v in points)])
+    bottom.set_yscale("log")
+    bottom.set_ylim(top=slowest * 4)
+    bottom.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    bottom.yaxis.set_major_formatter(ScalarFormatter())
+    bottom.yaxis.set_minor_formatter(NullFormatter())
+    bottom.set_ylabel("store latency p95 per 0.5 s, ms")
+    bottom.set_xlabel("seconds since the capacity dropped")
+    bottom.legend(loc="upper center", ncol=3)
     _save(fig, path)
 
 

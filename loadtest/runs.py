@@ -12,6 +12,11 @@ A run goes through up to three phases with the same workers:
 
 Then the workers stop, and the ledger is drawn: published = stored + dead-lettered + still
 queued; anything else is lost.
+
+Adaptive concurrency is off unless a spec asks for it (`adaptive`), so `concurrency` is the
+limit the worker keeps. A spec can also cap the stand-in's capacity (`capacity`: calls served at
+once) and change that cap at set times, end the drain after `stop_after_s` (the rest stays
+queued), watch the workers' concurrency-limit gauge and keep every item's store latency.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +98,12 @@ class RunSpec:
     max_s: float = 120.0
     profile_s: float = 0.0
     rss_every_s: float = 1.0
+    adaptive: bool = False
+    capacity: int | None = None
+    capacity_changes: tuple[tuple[float, int | None], ...] = ()
+    stop_after_s: float = 0.0
+    watch_limit_s: float = 0.0
+    store_latency: bool = False
 
     @property
     def mean_latency_s(self) -> float:
@@ -101,10 +112,16 @@ class RunSpec:
 
     @property
     def ideal_items_per_s(self) -> float | None:
-        """W·c ÷ mean latency: what perfect concurrency would reach (None for a 0 ms sink)."""
+        """min(W·c, capacity) ÷ mean latency: what perfect concurrency would reach.
+
+        None for a 0 ms sink. `capacity` is the stand-in's cap at the start of the run.
+        """
         if self.mean_latency_s <= 0:
             return None
-        return self.workers * self.concurrency / self.mean_latency_s
+        slots = self.workers * self.concurrency
+        if self.capacity is not None:
+            slots = min(slots, self.capacity)
+        return slots / self.mean_latency_s
 
 
 @dataclass
@@ -138,17 +155,40 @@ class WorkerSet:
         ]
         self.baseline: list[ProcSample] = []
         self.rss_timeline: list[tuple[float, float]] = []
-        self._sampler: asyncio.Task[None] | None = None
+        self.limit_timeline: list[tuple[float, int]] = []
+        self.t0 = 0.0  # monotonic: when the first worker was ready
+        self.t0_wall = 0.0  # the same moment on the wall clock (the workers' log timestamps)
+        self._samplers: list[asyncio.Task[None]] = []
         self._every_s = spec.rss_every_s
+        self._watch_s = spec.watch_limit_s
 
     async def start(self) -> None:
         """Start every worker and wait until all of them consume."""
         for w in self.workers:
             await w.start()
         await asyncio.gather(*(w.wait_ready(self.bench.http) for w in self.workers))
+        self.t0 = min(w.ready_at for w in self.workers)
+        self.t0_wall = time.time() - (time.monotonic() - self.t0)
         self.baseline = [sample(w.pid) for w in self.workers]
         if self._every_s > 0:
-            self._sampler = asyncio.create_task(self._sample_rss())
+            self._samplers.append(asyncio.create_task(self._sample_rss()))
+        if self._watch_s > 0:
+            self._samplers.append(asyncio.create_task(self._watch_limit()))
+
+    def alongside(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` while the workers run; it is cancelled when they stop."""
+        self._samplers.append(asyncio.create_task(work))
+
+    async def _watch_limit(self) -> None:
+        """Poll the workers' concurrency limits (summed): (s since t0, limit) per sample."""
+        while True:
+            limits = await asyncio.gather(
+                *(w.concurrency_limit(self.bench.http) for w in self.workers)
+            )
+            if all(x is not None for x in limits):
+                now = round(time.monotonic() - self.t0, 3)
+                self.limit_timeline.append((now, sum(x for x in limits if x is not None)))
+            await asyncio.sleep(self._watch_s)
 
     async def _sample_rss(self) -> None:
         t0 = time.monotonic()
@@ -169,11 +209,20 @@ class WorkerSet:
 
     async def stop(self) -> list[int]:
         """Stop every worker gracefully; returns their exit codes."""
-        if self._sampler is not None:
-            self._sampler.cancel()
+        for sampler in self._samplers:
+            sampler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._sampler
+                await sampler
         return list(await asyncio.gather(*(w.stop() for w in self.workers)))
+
+    def store_latencies(self) -> list[tuple[float, float]]:
+        """(s since t0 when settled, store latency ms) per item stored, in settle order."""
+        merged: dict[str, tuple[float, float]] = {}
+        for w in self.workers:
+            for key, row in w.store_latencies().items():
+                merged.setdefault(key, row)
+        rows = [(round(ts - self.t0_wall, 4), round(s * 1000, 3)) for ts, s in merged.values()]
+        return sorted(rows)
 
     def stored_at(self) -> dict[str, float]:
         """Wall-clock time each message id was settled as stored, from every worker's log."""
@@ -278,10 +327,12 @@ async def start_profiler(pid: int, seconds: float, out: Path) -> asyncio.subproc
 async def run_workers(bench: Bench, spec: RunSpec, sink: Sink) -> dict[str, Any]:
     """Carry out one run (see the module docstring) and return everything measured."""
     name = unique_name()
-    settings = bench_settings(name, sink.url, spec.concurrency)
+    settings = bench_settings(name, sink.url, spec.concurrency, spec.adaptive)
     if sink.standin is not None:
         await sink.standin.reset()
-        await sink.standin.configure(spec.latency_ms, spec.sigma, seed=7)
+        await sink.standin.configure(spec.latency_ms, spec.sigma, 7, spec.capacity)
+    elif spec.capacity is not None or spec.capacity_changes:
+        raise BenchError(f"run {spec.label}: only the stand-in's capacity can be set")
     result: dict[str, Any] = {"spec": asdict(spec), "sink": sink.name, "queue": name}
     async with BenchQueues(bench.connection, settings) as queues:
         publisher = Publisher(bench.connection, queues.topology)
@@ -291,7 +342,13 @@ async def run_workers(bench: Bench, spec: RunSpec, sink: Sink) -> dict[str, Any]
                 await _phases(bench, spec, sink, queues, publisher, workers, name, result)
             finally:
                 codes = await workers.stop()
+                if sink.standin is not None and spec.capacity_changes:
+                    await sink.standin.set_capacity(None)
         result["exit_codes"] = codes
+        if spec.watch_limit_s > 0:
+            result["limit_timeline"] = workers.limit_timeline
+        if spec.store_latency:
+            result["store_latency"] = workers.store_latencies()
         result["ledger"] = await _ledger(queues, publisher, sink, workers, result)
     if not bench.keep_logs and result["ledger"]["lost"] == 0 and not any(codes):
         for w in workers.workers:
@@ -317,6 +374,12 @@ async def _phases(
         seq = spec.items
     await workers.start()
     done = _done_counter(sink, workers)
+    if spec.capacity_changes and sink.standin is not None:
+        applied: list[tuple[float, int | None]] = []
+        result["capacity_changes"] = applied
+        workers.alongside(
+            _change_capacity(sink.standin, workers.t0, spec.capacity_changes, applied)
+        )
     profiler = None
     if spec.profile_s > 0:
         out = bench.logs / f"{run}.pyspy.txt"
@@ -338,6 +401,21 @@ async def _phases(
     if spec.batches:
         result["batches"] = await _batches(bench, spec, sink, queues, publisher, done, seq, run)
     result["rss_timeline"] = workers.rss_timeline
+
+
+async def _change_capacity(
+    standin: StandInProcess,
+    t0: float,
+    changes: Sequence[tuple[float, int | None]],
+    applied: list[tuple[float, int | None]],
+) -> None:
+    """Set the stand-in's capacity at each (seconds after t0, capacity); record when it was."""
+    for at_s, capacity in changes:
+        delay = t0 + at_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await standin.set_capacity(capacity)
+        applied.append((round(time.monotonic() - t0, 3), capacity))
 
 
 def _done_counter(sink: Sink, workers: WorkerSet) -> Callable[[], Awaitable[int]]:
@@ -367,8 +445,10 @@ async def _prefilled(
         k: cpu_s_of(pid) if k != "runner" else time.process_time() for k, pid in others.items()
     }
     busy_before = busy_cpu_s()
+    # stop_after_s ends the drain early on purpose; what is left stays queued (and in the ledger).
+    bound_s = min(spec.max_s, spec.stop_after_s) if spec.stop_after_s > 0 else spec.max_s
     settled = await wait_settled(
-        bench, queues, done, spec.items, time.monotonic() + spec.max_s, f"{spec.label}: drain"
+        bench, queues, done, spec.items, t_start + bound_s, f"{spec.label}: drain"
     )
     t_end = time.monotonic()
     busy = busy_cpu_s() - busy_before
