@@ -1,0 +1,287 @@
+"""A private RabbitMQ node for tests that stop, restart or disconnect a broker.
+
+The shared broker on 5672 must never be stopped, so these tests start a node of their own on
+free ports, with every file in a temporary folder and its Erlang cookie in a temporary HOME.
+It shares epmd with any other node on the machine and boots in about 10 s (more on a busy one).
+
+The node is tied to the test process twice: `stop()` runs `rabbitmqctl stop` and kills what is
+left, and on Linux the start script gets SIGTERM if the test process dies without cleaning up
+(its trap then stops the node), so no stray `beam.smp` outlives a run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from types import TracebackType
+
+BOOT_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 60.0
+CTL_TIMEOUT_S = 60.0
+# Where distribution packages put the real scripts; /usr/sbin holds Debian's wrapper, which
+# switches to the `rabbitmq` user and that user's cookie.
+SCRIPT_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/sbin")
+
+
+class BrokerNodeError(Exception):
+    """The private node could not be started or controlled."""
+
+
+class NodeExited(BrokerNodeError):
+    """The node's start script ended while the node was booting."""
+
+
+def server_script() -> Path | None:
+    """The non-wrapper `rabbitmq-server` script, or None when RabbitMQ is not installed."""
+    candidates = [shutil.which("rabbitmq-server")]
+    candidates += [os.path.join(d, "rabbitmq-server") for d in SCRIPT_DIRS]
+    for candidate in candidates:
+        if candidate and os.path.exists(candidate):
+            path = Path(candidate).resolve()
+            # Debian's rabbitmq-script-wrapper sits beside the real scripts.
+            script = path if path.name == "rabbitmq-server" else path.with_name("rabbitmq-server")
+            if script.exists() and script.with_name("rabbitmqctl").exists():
+                return script
+    return None
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: receive SIGTERM when the test process dies."""
+    PR_SET_PDEATHSIG = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class BrokerNode:
+    """Start a private RabbitMQ node; control it with rabbitmqctl; stop it and remove its files.
+
+    Use as `with BrokerNode() as node:` (blocking, for fixtures) and call the async `stop_app`,
+    `start_app` and `close_all_connections` from tests.
+    """
+
+    def __init__(self, consumer_timeout_ms: int | None = None) -> None:
+        script = server_script()
+        if script is None:
+            raise BrokerNodeError("RabbitMQ is not installed: no rabbitmq-server script found")
+        self.server = script
+        self.ctl_path = script.with_name("rabbitmqctl")
+        self.name = ""
+        self.port = 0
+        self.dist_port = 0
+        self.app_running = False
+        self._consumer_timeout_ms = consumer_timeout_ms
+        self._dir: Path | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def amqp_url(self) -> str:
+        """The node's AMQP URL (guest/guest, default vhost)."""
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        assert self._dir is not None
+        base = self._dir
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        env.update(
+            {
+                "HOME": str(base),
+                "RABBITMQ_NODENAME": self.name,
+                "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+                "RABBITMQ_NODE_PORT": str(self.port),
+                "RABBITMQ_DIST_PORT": str(self.dist_port),
+                "RABBITMQ_MNESIA_BASE": str(base / "mnesia"),
+                "RABBITMQ_LOG_BASE": str(base / "log"),
+                "RABBITMQ_CONFIG_FILE": str(base / "rabbitmq.conf"),
+                "RABBITMQ_ENABLED_PLUGINS_FILE": str(base / "enabled_plugins"),
+                "RABBITMQ_CONF_ENV_FILE": str(base / "rabbitmq-env.conf"),
+                "RABBITMQ_PID_FILE": str(base / "rabbit.pid"),
+            }
+        )
+        return env
+
+    def _write_files(self, base: Path) -> None:
+        (base / "mnesia").mkdir()
+        (base / "log").mkdir()
+        (base / "enabled_plugins").write_text("[].\n")
+        (base / "rabbitmq-env.conf").write_text("")
+        lines = [f"listeners.tcp.default = 127.0.0.1:{self.port}", "log.file.level = info"]
+        if self._consumer_timeout_ms is not None:
+            lines.append(f"consumer_timeout = {self._consumer_timeout_ms}")
+        (base / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        """Boot the node and wait until it accepts AMQP connections; once more if it exits."""
+        try:
+            self._boot()
+        except NodeExited:
+            # Most often a port taken by someone else between `free_port()` and the node's bind.
+            self.stop()
+            self._boot()
+
+    def _boot(self) -> None:
+        self.name = f"mw-test-{uuid.uuid4().hex[:8]}@localhost"
+        self._dir = Path(tempfile.mkdtemp(prefix="mw-rabbit-"))
+        self.port, self.dist_port = free_port(), free_port()
+        self._write_files(self._dir)
+        output = (self._dir / "server.out").open("wb")
+        with output:
+            self._process = subprocess.Popen(
+                [str(self.server)],
+                env=self._env(),
+                cwd=self._dir,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # a Ctrl-C meant for pytest does not reach the node
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        self._await_startup()
+
+    def _await_startup(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + BOOT_TIMEOUT_S
+        while True:
+            if self._process.poll() is not None:
+                raise NodeExited(
+                    f"RabbitMQ node {self.name} stopped while booting (script exit "
+                    f"{self._process.returncode})\n{self.log_tail()}"
+                )
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise BrokerNodeError(
+                    f"RabbitMQ node {self.name} did not boot within {BOOT_TIMEOUT_S:.0f} s"
+                    f"\n{self.log_tail()}"
+                )
+            # Fails at once while the Erlang VM is not reachable yet, so poll it.
+            wait_s = max(1, int(remaining))
+            result = self._ctl_sync(
+                "await_startup", "--timeout", str(wait_s), timeout_s=wait_s + 10
+            )
+            if result.returncode == 0 and self._accepts_amqp():
+                self.app_running = True
+                return
+            time.sleep(0.5)
+
+    def _accepts_amqp(self) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 2):
+            return True
+        return False
+
+    def _ctl_sync(
+        self, *args: str, timeout_s: float = CTL_TIMEOUT_S
+    ) -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                [str(self.ctl_path), "-q", "-n", self.name, *args],
+                env=self._env(),
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            return subprocess.CompletedProcess(exc.cmd, -1, "", f"timed out after {timeout_s} s")
+
+    async def ctl(self, *args: str) -> str:
+        """Run `rabbitmqctl -n <node> ARGS`; raise with its output when it fails."""
+        process = await asyncio.create_subprocess_exec(
+            str(self.ctl_path),
+            "-q",
+            "-n",
+            self.name,
+            *args,
+            env=self._env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), CTL_TIMEOUT_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise BrokerNodeError(f"rabbitmqctl {' '.join(args)} timed out") from None
+        if process.returncode != 0:
+            raise BrokerNodeError(
+                f"rabbitmqctl {' '.join(args)} failed ({process.returncode}): "
+                f"{err.decode() or out.decode()}"
+            )
+        return out.decode()
+
+    async def stop_app(self) -> None:
+        """Stop the RabbitMQ application: every connection drops and the port closes."""
+        self.app_running = False  # first: a failed stop must still be undone by `start_app`
+        await self.ctl("stop_app")
+
+    async def start_app(self) -> None:
+        """Start the application again and wait until it accepts AMQP connections."""
+        await self.ctl("start_app")
+        await self.ctl("await_startup")
+        self.app_running = True
+
+    async def ensure_running(self) -> None:
+        """Start the application if a test stopped it (for `finally:` blocks)."""
+        if not self.app_running:
+            await self.start_app()
+
+    async def close_all_connections(self, reason: str = "fault test") -> None:
+        """Close every client connection on the node."""
+        await self.ctl("close_all_connections", reason)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last lines of the node's log and of its start script's output."""
+        if self._dir is None:
+            return ""
+        parts = []
+        for path in [self._dir / "server.out", *sorted((self._dir / "log").glob("*.log"))]:
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                parts.append(f"--- {path.name} ---\n" + "\n".join(text))
+        return "\n".join(parts)
+
+    def stop(self) -> None:
+        """Stop the node (orderly, then by force) and remove its files."""
+        process, self._process = self._process, None
+        try:
+            if process is not None and process.poll() is None:
+                self._ctl_sync("stop", timeout_s=STOP_TIMEOUT_S)
+                try:
+                    process.wait(STOP_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait(STOP_TIMEOUT_S)
+        finally:
+            if self._dir is not None:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                self._dir = None
+
+    def __enter__(self) -> BrokerNode:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
