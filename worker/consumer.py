@@ -10,17 +10,20 @@ Delivery rules, in the order they happen:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
     ConsumerTag,
 )
@@ -42,6 +45,8 @@ from worker.topology import (
 log = structlog.get_logger("worker.consumer")
 DETAIL_HEADER_CHARS = 1000
 CONFIRM_TIMEOUT_S = 30.0
+RECOVERY_FIRST_S = 1.0  # aio-pika re-consumes on its own when the queue still exists
+RECOVERY_MAX_S = 30.0
 
 
 def copy_message(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
@@ -161,14 +166,26 @@ class AmqpDelivery:
             log.error("publish_unconfirmed", action=action.value, error=repr(exc))
             return await self._requeue()
         except CONNECTION_EXCEPTIONS as exc:
-            log.warning("settle_on_closed_channel", action=action.value, error=repr(exc))
+            # Never retried: the broker requeued the delivery when the channel closed.
+            log.warning(
+                "settle_on_closed_channel",
+                action=action.value,
+                error=repr(exc),
+                redelivery_expected=True,
+            )
             return False
         return True
 
     async def _requeue(self) -> bool:
         try:
             await self._message.nack(requeue=True)
-        except CONNECTION_EXCEPTIONS:
+        except CONNECTION_EXCEPTIONS as exc:
+            log.warning(
+                "settle_on_closed_channel",
+                action="requeue",
+                error=repr(exc),
+                redelivery_expected=True,
+            )
             return False
         return True
 
@@ -183,13 +200,16 @@ class Consumer:
         dispatcher: Dispatcher,
         prefetch: int,
         worker_id: str,
+        redeclare: bool = True,
     ) -> None:
         self._connection = connection
         self._topology = topology
         self._dispatcher = dispatcher
         self._prefetch = prefetch
         self._worker_id = worker_id
-        self._channel: AbstractChannel | None = None
+        self._redeclare = redeclare
+        self._recovery: asyncio.Task[None] | None = None
+        self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
         self._tag: ConsumerTag | None = None
         self._on_message: Callable[[AbstractIncomingMessage], Awaitable[None]] | None = None
@@ -200,10 +220,13 @@ class Consumer:
 
     async def start(self) -> None:
         """Open the channel, set QoS, and start consuming."""
+        await self._open(self._prefetch)
+
+    async def _open(self, prefetch: int) -> None:
         # Without on_return_raises an unroutable retry or dead letter would count as confirmed.
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
-        await channel.set_qos(prefetch_count=self._prefetch)
+        await channel.set_qos(prefetch_count=prefetch)
         outbox = Outbox(channel, self._topology, self._worker_id)
         await outbox.open()
         self._queue = await channel.declare_queue(self._topology.queue, passive=True)
@@ -212,7 +235,102 @@ class Consumer:
             await self._dispatcher.submit(AmqpDelivery(message, outbox))
 
         self._on_message = on_message
+        await self._watch_cancel(channel)
+        channel.reopen_callbacks.add(self._watch_cancel)
         self._tag = await self._queue.consume(on_message)
+
+    @property
+    def lost(self) -> bool:
+        """Whether the broker cancelled the consumer and it is not consuming again yet."""
+        return self._recovery is not None and not self._recovery.done()
+
+    async def _watch_cancel(self, channel: AbstractRobustChannel | None, /) -> None:
+        # aio-pika swaps the underlying channel on every reconnect, so each one is watched.
+        if channel is None:
+            return
+        underlay = await channel.get_underlay_channel()
+        underlay.on_consumer_cancel_callbacks.add(self._cancelled_by_broker)
+
+    def _cancelled_by_broker(self, frame: aiormq.spec.Basic.Cancel) -> None:
+        """The broker ended our subscription (queue deleted, consumer timeout on 4.3+, ...).
+
+        aio-pika re-consumes by itself only while the queue exists, and says so at debug level
+        only; without a watch the worker would sit idle and look healthy.
+        """
+        if self._stopped or frame.consumer_tag != self._tag or self.lost:
+            return
+        log.warning(
+            "consumer_cancelled_by_broker", queue=self._topology.queue, tag=frame.consumer_tag
+        )
+        self._recovery = asyncio.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Consume again, redeclaring the topology when allowed; back off while that fails."""
+        queue = self._topology.queue
+        delay_s = RECOVERY_FIRST_S
+        while not self._stopped:
+            await asyncio.sleep(delay_s)
+            try:
+                if await self._subscribed():
+                    log.info("consumer_restored", queue=queue)
+                    return
+                if self._redeclare:
+                    await self._topology.declare(self._connection)
+                else:
+                    await self._topology.check(self._connection)
+                if await self._reopen():
+                    log.warning("consumer_reopened", queue=queue, redeclared=self._redeclare)
+                return
+            except Exception as exc:  # whatever it is, this watch must not die quietly
+                delay_s = min(delay_s * 2, RECOVERY_MAX_S)
+                log.warning(
+                    "consumer_recovery_failed",
+                    queue=queue,
+                    redeclare=self._redeclare,
+                    error=str(exc) or repr(exc),
+                    retry_in_s=delay_s,
+                )
+
+    async def _subscribed(self) -> bool:
+        channel, tag = self._channel, self._tag
+        if channel is None or tag is None or channel.is_closed:
+            return False
+        underlay = await channel.get_underlay_channel()
+        return isinstance(underlay, aiormq.Channel) and tag in underlay.consumers
+
+    async def _reopen(self) -> bool:
+        """Drop the channel and consume on a new one, with the prefetch last applied."""
+        if self._channel is not None:
+            # A resume that met the missing queue closed the channel, and the next one waits,
+            # lock held, for aio-pika to restore it, which it may not retry: ask for it now.
+            await asyncio.wait_for(self._channel.restore(), CONFIRM_TIMEOUT_S)
+        async with self._lock:
+            if self._stopped:
+                return False
+            if self._channel is not None:
+                # Its unacked deliveries go back to the queue (if it still exists).
+                with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
+                    await asyncio.wait_for(self._channel.close(), CONFIRM_TIMEOUT_S)
+            # Subscribed even if the breaker paused us meanwhile: its follower pauses again on
+            # its next pass, while a resume that failed on the dead channel may never be retried.
+            self._tag = None
+            await self._open(self._consuming_prefetch)
+            return True
+
+    @property
+    def prefetch(self) -> int:
+        """The prefetch of the current (or last) subscription."""
+        return self._consuming_prefetch
+
+    @property
+    def consuming(self) -> bool:
+        """Whether the consumer is subscribed now."""
+        return self._tag is not None
+
+    @property
+    def stopped(self) -> bool:
+        """Whether `cancel()` ended consuming for good."""
+        return self._stopped
 
     async def pause(self) -> None:
         """Stop new deliveries for a while (the sink's breaker is open)."""
@@ -254,5 +372,8 @@ class Consumer:
 
     async def close(self) -> None:
         """Close the channel; the broker requeues anything still unacked on it."""
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()

@@ -8,8 +8,9 @@ slot, so a window is about one round trip of every slot):
   ahead), and it is never forgotten otherwise: a baseline that expired under sustained load
   would be relearned from loaded latency, and the limit would creep up with the queue;
 - below `grow_below` times the unloaded latency, with every slot busy, the limit doubles while
-  it is still starting and grows by one after; above `shrink_above` it shrinks in proportion
-  (at most by half); in between it holds;
+  it is still starting and grows by a quarter (at least one) after, so capacity that comes
+  back is found again within a few windows; above `shrink_above` it shrinks in proportion (at
+  most by half); in between it holds;
 - a window where at least `overload_share` of stores were overload signals (429, 503, a
   timeout) halves the limit whatever the latency.
 
@@ -84,7 +85,7 @@ class AdaptiveLimit:
         elif ratio > self._shrink_above:
             limit, why = math.floor(limit * max(0.5, self._shrink_above / ratio)), "latency"
         elif ratio < self._grow_below and saturated:
-            limit, why = (limit * 2 if self._starting else limit + 1), "headroom"
+            limit, why = (limit * 2 if self._starting else limit + max(1, limit // 4)), "headroom"
         else:
             why = "steady"
         if why in ("overload", "latency") or ratio >= self._grow_below:

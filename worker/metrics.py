@@ -41,6 +41,11 @@ class Metrics:
         self.limit_gauge = Gauge(
             "memory_worker_concurrency_limit", "Current concurrency limit.", registry=self.registry
         )
+        self.sink_pauses = Counter(
+            "memory_worker_sink_pauses",
+            "Times the sink's Retry-After paused every store to it.",
+            registry=self.registry,
+        )
         self.late_acks = Counter(
             "memory_worker_late_settlements",
             "Settlements on a channel that had closed; the broker redelivers those messages.",
@@ -55,6 +60,22 @@ class Metrics:
             "memory_worker_breaker_transitions",
             "Circuit breaker transitions, by the state entered.",
             ["state"],
+            registry=self.registry,
+        )
+        self.ledger_duplicates = Counter(
+            "memory_worker_ledger_duplicates",
+            "Deliveries acked without a store because the shared ledger says stored.",
+            registry=self.registry,
+        )
+        self.ledger_deferred = Counter(
+            "memory_worker_ledger_deferred",
+            "Deliveries put off because another worker's store of the same item is in flight.",
+            registry=self.registry,
+        )
+        self.ledger_errors = Counter(
+            "memory_worker_ledger_errors",
+            "Shared ledger calls that failed or timed out, by operation; stores went on anyway.",
+            ["op"],
             registry=self.registry,
         )
         self.limit_gauge.set(max_concurrent_insertions)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -18,6 +18,8 @@ from typing import Any, Protocol
 import structlog
 
 from worker.breaker import CircuitBreaker, State
+from worker.ledger import Claim, Ledger, NoLedger, Status
+from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, Reason, RetryPolicy, classify
@@ -27,6 +29,7 @@ from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 
 log = structlog.get_logger("worker.pipeline")
 NOT_ATTEMPTED = "sink circuit open: not attempted"
+IN_FLIGHT_ELSEWHERE = "another store of this item is in flight: not attempted"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,13 +102,19 @@ class Pipeline:
         settings: Settings,
         metrics: Metrics,
         breaker: CircuitBreaker | None = None,
+        limit: AdaptiveLimit | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self._sink = sink
         self._settings = settings
         self._metrics = metrics
         self._breaker = breaker
+        self._limit = limit
+        self._at_sink = 0
+        self._resume_at = 0.0  # monotonic time before which no store starts (Retry-After)
         self._policy: RetryPolicy = settings.retry.policy
         self._recent = RecentKeys(settings.worker.dedupe_cache_size)
+        self._ledger: Ledger = ledger if ledger is not None else NoLedger()
 
     async def store_item(self, item: MemoryItem, key: str) -> Outcome:
         """Store one item within the per-item timeout; never raises for a failed store."""
@@ -114,22 +123,30 @@ class Pipeline:
         requests = self._requests(item, key)
         if isinstance(requests, Outcome):
             return requests
+        await self._wait_out_retry_after()
         admitted, probe = await self._admit()
         if not admitted:
             return Outcome.transient(NOT_ATTEMPTED)
+        claim = await self._claim(key, requests)
+        if isinstance(claim, Outcome):
+            self._report(claim, probe)  # hands a half-open probe back
+            return claim
         timeout_s = self._settings.sink.timeout_s
         outcome = Outcome.duplicate()  # stays so only if every part was stored before
         self._metrics.insert_started()
+        self._at_sink += 1
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
                 for request in requests:
-                    if request.key in self._recent:
+                    if request.key in self._recent or request.key in claim.stored_parts:
                         continue
                     outcome = await self._sink.store(request)
                     if outcome.kind is not Kind.STORED:
                         break
                     self._recent.add(request.key)
+                    if request.key != key:  # a part: a retry on any worker skips it
+                        await self._ledger.mark_stored(request.key)
                 else:
                     self._recent.add(key)  # every part stored: a redelivery is a duplicate
         except TimeoutError:
@@ -137,12 +154,54 @@ class Pipeline:
         except BaseException:
             if probe and self._breaker is not None:
                 self._breaker.release()
+            await self._ledger.release(claim)
             raise
         finally:
+            latency_s = time.perf_counter() - started
             stored = outcome.kind is Kind.STORED
-            self._metrics.insert_finished(stored, time.perf_counter() - started)
+            self._metrics.insert_finished(stored, latency_s)
+            if self._limit is not None and outcome.kind is not Kind.DUPLICATE:
+                self._limit.observe(latency_s, outcome.overload, self._at_sink)
+            self._at_sink -= 1
         self._report(outcome, probe)
+        if outcome.retry_after_s:
+            self._hold_off(outcome.retry_after_s)
+        if outcome.kind in (Kind.STORED, Kind.DUPLICATE):
+            await self._ledger.mark_stored(key)
+        else:
+            await self._ledger.release(claim)  # not stored: whoever gets it next may store it
         return outcome
+
+    async def _claim(self, key: str, requests: list[StoreRequest]) -> Claim | Outcome:
+        """Claim the item in the shared ledger; the outcome instead if stored or being stored.
+
+        Only `stored` skips a store. The claim covers the whole item, so one worker at a time
+        stores its parts; each part is marked as it is stored, so a retry skips those.
+        """
+        parts = [r.key for r in requests] if len(requests) > 1 else []
+        claim = await self._ledger.claim(key, parts)
+        if claim.status is Status.STORED:
+            self._recent.add(key)
+            return Outcome.duplicate()
+        if claim.status is Status.ELSEWHERE:
+            return Outcome.deferred(IN_FLIGHT_ELSEWHERE)
+        return claim
+
+    async def _wait_out_retry_after(self) -> None:
+        """Start no store while the sink's Retry-After runs: it asked all of us, not one item."""
+        # Another answer may push the deadline later while this one sleeps: look again.
+        while (wait_s := self._resume_at - time.monotonic()) > 0:  # noqa: ASYNC110
+            await asyncio.sleep(wait_s)
+
+    def _hold_off(self, retry_after_s: float) -> None:
+        now = time.monotonic()
+        until = now + min(retry_after_s, self._settings.sink.retry_after_max_s)
+        if until <= self._resume_at:
+            return
+        if self._resume_at <= now:
+            log.warning("sink_retry_after", wait_s=round(until - now, 3))
+            self._metrics.sink_pauses.inc()
+        self._resume_at = until
 
     async def _admit(self) -> tuple[bool, bool]:
         """Whether a store may start, and whether it is the half-open probe.
@@ -236,7 +295,9 @@ class Pipeline:
         systemic = self._breaker is not None and self._breaker.state is not State.CLOSED
         decision = classify(outcome, attempt, elapsed_s, self._policy, systemic=systemic)
         if not decision.counts:
-            attempt -= 1  # the retry budget's clock does not start either
+            # Not the message's fault: no attempt used, and the budget's clock starts afresh
+            # at its next real failure, so an outage alone never exhausts it.
+            attempt, first = attempt - 1, None
         elif failed and first is None:
             first = time.time()
         verdict = Verdict(decision, outcome, attempt, first)
@@ -263,12 +324,54 @@ class Pipeline:
         return verdict
 
 
+class Slots:
+    """A FIFO semaphore whose size can change while slots are taken."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.taken = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    async def acquire(self) -> None:
+        """Take a slot, waiting in line while all are taken."""
+        if self.taken < self.limit and not self._waiters:
+            self.taken += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # granted just as we were cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back."""
+        self.taken -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        """Change the size; slots taken beyond a smaller size are not reissued, not taken back."""
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.taken < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.taken += 1
+                waiter.set_result(None)
+
+
 class Dispatcher:
-    """Runs `Pipeline.handle` for each delivery, never more than `limit` at once."""
+    """Runs `Pipeline.handle` for each delivery, never more than the current limit at once."""
 
     def __init__(self, pipeline: Pipeline, limit: int) -> None:
         self._pipeline = pipeline
-        self._slots = asyncio.Semaphore(limit)
+        self._slots = Slots(limit)
         self._tasks: set[asyncio.Task[Verdict]] = set()
         self._closing = False
 
@@ -276,6 +379,10 @@ class Dispatcher:
     def in_flight(self) -> int:
         """Deliveries being handled now."""
         return len(self._tasks)
+
+    def resize(self, limit: int) -> None:
+        """Let `limit` deliveries run at once from now on."""
+        self._slots.resize(limit)
 
     async def submit(self, delivery: Delivery) -> None:
         """Start handling a delivery once a slot is free; requeue it if we are draining."""

@@ -23,6 +23,8 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.breaker import CircuitBreaker, State
 from worker.consumer import CONFIRM_TIMEOUT_S, Consumer
+from worker.ledger import open_ledger
+from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.ops import OpsServer
@@ -33,6 +35,8 @@ from worker.sink import HttpSink, McpSink, Sink, SinkConfigError, make_client
 from worker.topology import Topology, check_consumer_timeout, check_queue_policies
 
 log = structlog.get_logger("worker.service")
+PREFETCH_EVERY_S = 0.25
+RESUBSCRIBE_EVERY_S = 1.0
 
 
 class BrokerUnavailable(Exception):
@@ -101,8 +105,15 @@ class Service:
             settings.sink.breaker_max_open_s,
             on_change=self._breaker_changed,
         )
+        self.limit = AdaptiveLimit(
+            settings.concurrency,
+            enabled=settings.pools.adaptive_concurrency,
+            on_change=self._limit_changed,
+        )
+        self.metrics.limit_gauge.set(self.limit.limit)
         self.ops_port: int | None = None
         self._running = False
+        self._steer_wakeup = asyncio.Event()
         self._stop = asyncio.Event()
         self._stack = AsyncExitStack()
         self._consumer: Consumer | None = None
@@ -112,7 +123,8 @@ class Service:
     @property
     def ready(self) -> bool:
         """Consuming, and the sink's breaker is not open."""
-        return self._running and self.breaker.state is not State.OPEN
+        lost = self._consumer is not None and self._consumer.lost
+        return self._running and not lost and self.breaker.state is not State.OPEN
 
     async def __aenter__(self) -> Self:
         try:
@@ -146,25 +158,41 @@ class Service:
                 s.rabbitmq.url.get_secret_value(),
                 self.topology,
             )
-        pipeline = Pipeline(sink, s, self.metrics, self.breaker)
-        self._dispatcher = Dispatcher(pipeline, s.concurrency)
+        ledger = await self._stack.enter_async_context(open_ledger(s, self.metrics))
+        pipeline = Pipeline(sink, s, self.metrics, self.breaker, self.limit, ledger)
+        self._dispatcher = Dispatcher(pipeline, self.limit.limit)
         self._consumer = Consumer(
-            connection, self.topology, self._dispatcher, s.prefetch, s.worker.id
+            connection,
+            self.topology,
+            self._dispatcher,
+            self.limit.limit,
+            s.worker.id,
+            redeclare=s.rabbitmq.declare,
         )
         self._stack.push_async_callback(self._consumer.close)
         await self._consumer.start()
-        self._follower = asyncio.create_task(self._follow_breaker(self._consumer))
+        self._follower = asyncio.create_task(self._steer(self._consumer))
         self._running = True
         log.info(
             "worker_started",
             queue=s.rabbitmq.queue,
             concurrency=s.concurrency,
-            prefetch=s.prefetch,
+            prefetch=self.limit.limit,
+            adaptive=s.pools.adaptive_concurrency,
             sink=str(s.pools.session_buddy_url),
             ops_port=self.ops_port,
         )
 
+    def _limit_changed(self, limit: int, why: str) -> None:
+        self.metrics.limit_gauge.set(limit)
+        if self._dispatcher is not None:
+            self._dispatcher.resize(limit)
+        unloaded_ms = round((self.limit.unloaded_s or 0.0) * 1000, 1)
+        log.debug("concurrency_limit_changed", limit=limit, why=why, unloaded_ms=unloaded_ms)
+        self._steer_wakeup.set()
+
     def _breaker_changed(self, state: State, detail: str) -> None:
+        self._steer_wakeup.set()
         self.metrics.breaker_state.set(state.value)
         self.metrics.breaker_transitions.labels(state.name.lower()).inc()
         if state is State.OPEN:
@@ -175,23 +203,41 @@ class Service:
         else:
             log.info("breaker_closed", last_failure=detail)
 
-    async def _follow_breaker(self, consumer: Consumer) -> None:
-        """Pause consuming while the breaker is open; take one message at a time in half-open.
+    async def _steer(self, consumer: Consumer) -> None:
+        """Make the consumer's prefetch follow the breaker and the concurrency limit.
 
-        Paused, the broker keeps what has not been delivered; with prefetch 1 in half-open
-        only the probe is delivered, so nothing spins through requeues while the sink is down.
+        Open: paused, so the broker keeps what has not been delivered. Half-open: prefetch 1,
+        so only the probe is delivered. Closed: prefetch = the limit, so messages this worker
+        cannot start stay in the queue for other workers. A limit change re-subscribes the
+        consumer, so it is applied at most once per `PREFETCH_EVERY_S`.
         """
         breaker = self.breaker
+        wakeup = self._steer_wakeup
+        loop = asyncio.get_running_loop()
+        applied_at = -PREFETCH_EVERY_S
+        probing = False
         while True:
-            changed = breaker.changed  # taken before looking, so no transition is missed
+            wakeup.clear()  # before looking, so no change is missed
             state = breaker.state
+            timeout_s: float | None = None
             if state is State.OPEN:
                 await consumer.pause()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), breaker.open_remaining_s)
-                continue
-            await consumer.resume(1 if state is State.HALF_OPEN else None)
-            await changed.wait()
+                timeout_s = breaker.open_remaining_s
+            elif state is State.HALF_OPEN:
+                await consumer.resume(1)
+                probing = True
+            else:
+                want = self.limit.limit
+                due_s = applied_at + PREFETCH_EVERY_S - loop.time()
+                if probing or not consumer.consuming or (consumer.prefetch != want and due_s <= 0):
+                    await consumer.resume(want)
+                    applied_at, probing = loop.time(), False
+                elif consumer.prefetch != want:
+                    timeout_s = due_s
+            if state is not State.OPEN and not consumer.consuming and not consumer.stopped:
+                timeout_s = RESUBSCRIBE_EVERY_S  # the subscribe failed: never sit idle, try again
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout_s)
 
     def stop(self) -> None:
         """Ask the worker to shut down; safe to call from a signal handler."""

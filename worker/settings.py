@@ -39,6 +39,11 @@ class PoolsSettings(BaseModel):
         le=50,
         description="Maximum concurrent memory insertions to Session-Buddy (1-50)",
     )
+    adaptive_concurrency: bool = Field(
+        default=True,
+        description="Move the limit within [1, max] by the sink's latency and overload; "
+        "false = always the max",
+    )
     session_buddy_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8678/mcp")
 
 
@@ -119,6 +124,12 @@ class SinkSettings(BaseModel):
     )
     breaker_open_s: float = Field(default=5.0, gt=0, le=3600)
     breaker_max_open_s: float = Field(default=60.0, gt=0, le=86_400)
+    retry_after_max_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="Longest pause of all stores that a Retry-After from the sink can ask for",
+    )
 
 
 class RetrySettings(BaseModel):
@@ -163,6 +174,44 @@ class WorkerSettings(BaseModel):
     dedupe_cache_size: int = Field(default=100_000, ge=0)
 
 
+class LedgerSettings(BaseModel):
+    """The optional shared idempotency ledger in Redis; off while `url` is unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: SecretStr | None = Field(
+        default=None,
+        description="Redis, e.g. redis://:password@host:6379/0; unset = no shared ledger",
+    )
+    key_prefix: str = Field(default="mw:", min_length=1, max_length=200)
+    ttl_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        le=90 * 86_400,
+        description="How long a stored key is remembered",
+    )
+    claim_margin_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A claim lasts sink.timeout_s plus this, so a killed worker's claim expires",
+    )
+    timeout_s: float = Field(
+        default=0.25,
+        gt=0,
+        le=10,
+        description="Per Redis call; past it the item is stored without the ledger",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, value: SecretStr | None) -> SecretStr | None:
+        schemes = ("redis://", "rediss://", "unix://")
+        if value is not None and not value.get_secret_value().startswith(schemes):
+            raise ValueError("must start with redis://, rediss:// or unix://")
+        return value
+
+
 class Settings(BaseSettings):
     """All of memory-worker's settings."""
 
@@ -178,6 +227,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = Field(default_factory=SinkSettings)
     retry: RetrySettings = Field(default_factory=RetrySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
 
     @classmethod
     def settings_customise_sources(

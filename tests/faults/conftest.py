@@ -5,5 +5,6 @@ from tests.integration.conftest import (  # noqa: F401
     connection,
     ledger_prefix,
     make_settings,
+    no_leftover_workers,
     redis_url,
 )

@@ -12,11 +12,14 @@ from urllib.parse import urlparse
 import aio_pika
 import pytest
 
+from tests.integration.helpers import kill_leftover_workers
 from worker.settings import Settings, load_settings
 from worker.topology import Topology
 
 URL_ENV = "MEMORY_WORKER_TEST_AMQP_URL"
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+REDIS_URL_ENV = "MEMORY_WORKER_TEST_REDIS_URL"
+LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def _answers(url: str) -> bool:
@@ -61,6 +64,13 @@ def amqp_url() -> Iterator[str]:
     pytest.skip(message)
 
 
+@pytest.fixture(autouse=True)
+def no_leftover_workers() -> Iterator[None]:
+    """A worker process a failing test left behind is killed, not left consuming."""
+    yield
+    kill_leftover_workers()
+
+
 @pytest.fixture
 def make_settings(amqp_url: str) -> Iterator[Any]:
     """Build Settings on unique per-test names; their queues are deleted at teardown."""
@@ -69,6 +79,9 @@ def make_settings(amqp_url: str) -> Iterator[Any]:
 
     def build(**sections: dict[str, Any]) -> Settings:
         base: dict[str, dict[str, Any]] = {
+            # A fixed limit, so tests can count in-flight stores; adaptation's own tests and
+            # the outage test turn it back on.
+            "pools": {"adaptive_concurrency": False},
             "rabbitmq": {
                 "url": amqp_url,
                 "exchange": prefix,
@@ -104,3 +117,28 @@ async def connection(amqp_url: str) -> AsyncIterator[aio_pika.abc.AbstractRobust
     conn = await aio_pika.connect_robust(amqp_url)
     async with conn:
         yield conn
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    """Redis for the shared ledger: $MEMORY_WORKER_TEST_REDIS_URL, else 127.0.0.1:6379."""
+    url = os.environ.get(REDIS_URL_ENV, LOCAL_REDIS_URL)
+    if not _answers(url):
+        message = f"no Redis at {url}: set {REDIS_URL_ENV} or run one on 127.0.0.1:6379"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return url
+
+
+@pytest.fixture
+async def ledger_prefix(redis_url: str) -> AsyncIterator[str]:
+    """A key prefix of this test's own; its keys are deleted at teardown."""
+    from redis.asyncio import Redis
+
+    prefix = f"mw-test-{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    async with Redis.from_url(redis_url) as client:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -87,6 +88,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
             "MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S": "5",
             "MAHAVISHNU_POOLS__SESSION_BUDDY_URL": str(pools.session_buddy_url),
             "MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS": str(settings.concurrency),
+            "MAHAVISHNU_POOLS__ADAPTIVE_CONCURRENCY": str(pools.adaptive_concurrency).lower(),
             "MAHAVISHNU_RETRY__TIERS_S": "[" + ",".join(map(str, settings.retry.tiers_s)) + "]",
             "MAHAVISHNU_WORKER__GRACE_S": str(settings.worker.grace_s),
             "MAHAVISHNU_WORKER__OPS_PORT": "-1",
@@ -97,9 +99,12 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
+SPAWNED: list[asyncio.subprocess.Process] = []
+
+
 async def start_worker_process(env: dict[str, str]) -> asyncio.subprocess.Process:
-    """Start `python -m worker run` as a separate process."""
-    return await asyncio.create_subprocess_exec(
+    """Start `python -m worker run` as a separate process; killed at test end if still alive."""
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "worker",
@@ -108,6 +113,20 @@ async def start_worker_process(env: dict[str, str]) -> asyncio.subprocess.Proces
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+    SPAWNED.append(process)
+    return process
+
+
+def kill_leftover_workers() -> int:
+    """SIGKILL worker processes a failed test left running; returns how many."""
+    killed = 0
+    while SPAWNED:
+        process = SPAWNED.pop()
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+                killed += 1
+    return killed
 
 
 def headers(message: AbstractIncomingMessage) -> dict[str, Any]:

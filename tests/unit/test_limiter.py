@@ -68,7 +68,7 @@ def test_capacity_drop_is_followed_within_a_few_windows() -> None:
 
 
 def test_capacity_back_is_found_again() -> None:
-    """After a drop the limit climbs back once latency is flat again."""
+    """After a drop the limit climbs back by quarters within a few windows once latency is flat."""
     capacity = 5
 
     def latency_s(in_flight: int) -> float:
@@ -78,8 +78,8 @@ def test_capacity_back_is_found_again() -> None:
     run(limit, latency_s, 400)
     assert limit.limit <= 10
     capacity = 50
-    run(limit, latency_s, 3_000)
-    assert limit.limit == 50
+    seen = run(limit, latency_s, 600)  # 600 stores: about 1 s of the healthy sink at 50
+    assert seen[-1] == 50
 
 
 def test_overload_signals_halve_the_limit() -> None:

@@ -14,6 +14,7 @@ from structlog.testing import capture_logs
 
 from tests.unit.fakes import Clock, FakeDelivery, FakeSink, isolate_settings, item_body, until
 from worker.breaker import CircuitBreaker, State
+from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, Reason
@@ -523,7 +524,7 @@ def breaker_pipeline(sink: FakeSink, failures: int = 2) -> tuple[Pipeline, Circu
 
 
 async def test_breaker_parks_the_failure_that_opens_it_and_skips_the_sink_after() -> None:
-    """Failures before the threshold are retried; the one that opens it and later ones are parked."""
+    """Failures below the threshold are retried; the one that opens it and later ones are parked."""
     sink = FakeSink(Outcome.transient("HTTP 503"))
     pipeline, breaker, _ = breaker_pipeline(sink, failures=2)
     first, second, third = delivery("a"), delivery("b"), delivery("c")
@@ -595,3 +596,140 @@ async def test_breaker_cancelled_probe_frees_the_slot() -> None:
     with pytest.raises(asyncio.CancelledError):
         await probe
     assert breaker.try_probe()
+
+
+# --- Retry-After pauses every store, adjustable slots -------------------------------------------
+
+
+class TimedSink(FakeSink):
+    """A FakeSink that also records when each call started and ended (monotonic seconds)."""
+
+    def __init__(self, default: Outcome | None = None) -> None:
+        super().__init__(default)
+        self.started: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+
+    async def store(self, request: Any) -> Outcome:
+        """Record the times around the fake store."""
+        self.started[request.content] = time.monotonic()
+        try:
+            return await super().store(request)
+        finally:
+            self.ended[request.content] = time.monotonic()
+
+
+async def test_retry_after_pauses_every_store_not_only_its_item() -> None:
+    """After a 429 with Retry-After 0.3 s, no other store starts before those 0.3 s are over."""
+    sink = TimedSink()
+    sink.results["a"] = Outcome.transient("HTTP 429", retry_after_s=0.3, overload=True)
+    pipeline = make_pipeline(sink)
+    dispatcher = Dispatcher(pipeline, limit=5)
+    first = delivery("a")
+    await dispatcher.submit(first)
+    await first.settled_event.wait()
+    others = [delivery(c) for c in "bcd"]
+    with capture_logs() as logs:
+        await run_all(dispatcher, others)
+    assert first.verdict.decision.action is Action.RETRY
+    assert all(d.verdict.decision.action is Action.ACK for d in others)
+    for content in "bcd":
+        assert sink.started[content] >= sink.ended["a"] + 0.3
+    assert not [e for e in logs if e["event"] == "sink_retry_after"]  # logged before, once
+    metrics = pipeline._metrics
+    assert metrics.registry.get_sample_value("memory_worker_sink_pauses_total") == 1.0
+
+
+async def test_retry_after_pause_is_capped_and_logged_once() -> None:
+    """A Retry-After longer than sink.retry_after_max_s pauses only that long; one log line."""
+    sink = FakeSink(Outcome.transient("HTTP 503", retry_after_s=1000.0, overload=True))
+    settings = make_settings(sink={"retry_after_max_s": 0.05})
+    pipeline = make_pipeline(sink, settings)
+    with capture_logs() as logs:
+        for content in ("a", "b", "c"):
+            await pipeline.handle(delivery(content))
+    pauses = [e for e in logs if e["event"] == "sink_retry_after"]
+    assert len(pauses) == 3  # each began after the previous one ended
+    assert all(e["wait_s"] == 0.05 for e in pauses)
+    assert len(sink.requests) == 3
+
+
+async def test_no_retry_after_means_no_pause() -> None:
+    """A plain 503 without Retry-After pauses nothing."""
+    sink = FakeSink(Outcome.transient("HTTP 503"))
+    pipeline = make_pipeline(sink)
+    with capture_logs() as logs:
+        await pipeline.handle(delivery("a"))
+    assert not [e for e in logs if e["event"] == "sink_retry_after"]
+    assert pipeline._metrics.registry.get_sample_value("memory_worker_sink_pauses_total") == 0.0
+
+
+async def test_dispatcher_resize_down_then_up() -> None:
+    """A smaller limit holds new starts until fewer run; a larger one lets more in at once."""
+    sink = FakeSink()
+    sink.gate = asyncio.Event()
+    dispatcher = Dispatcher(make_pipeline(sink), limit=4)
+    deliveries = [delivery(f"item {i}") for i in range(8)]
+    submitting = asyncio.gather(*(dispatcher.submit(d) for d in deliveries))
+    await until(lambda: sink.active == 4)
+    dispatcher.resize(2)
+    sink.gate.set()
+    sink.gate = asyncio.Event()
+    await until(lambda: sink.active == 2)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert sink.active == 2 and sink.peak == 4
+    dispatcher.resize(6)
+    await until(lambda: sink.active == 4)  # the 4 left, all at once
+    sink.gate.set()
+    await submitting
+    assert await dispatcher.drain(grace_s=5.0) == 0
+    assert all(d.verdict.decision.action is Action.ACK for d in deliveries)
+
+
+async def test_slot_waiter_cancelled_is_not_granted() -> None:
+    """A submit cancelled while waiting for a slot leaves the slots as they were."""
+    sink = FakeSink()
+    sink.gate = asyncio.Event()
+    dispatcher = Dispatcher(make_pipeline(sink), limit=1)
+    await dispatcher.submit(delivery("runs"))
+    waiting = asyncio.create_task(dispatcher.submit(delivery("waits")))
+    await asyncio.sleep(0)
+    waiting.cancel()
+    await asyncio.gather(waiting, return_exceptions=True)
+    sink.gate.set()
+    assert await dispatcher.drain(grace_s=5.0) == 0
+    assert [r.content for r in sink.requests] == ["runs"]
+    later = delivery("later")
+    dispatcher._closing = False
+    await dispatcher.submit(later)
+    await later.settled_event.wait()
+    assert later.verdict.decision.action is Action.ACK
+
+
+async def test_pipeline_feeds_the_adaptive_limit() -> None:
+    """Each store's latency and overload reach the limit; duplicates and parked items do not."""
+    observed: list[tuple[bool, int]] = []
+
+    class Recorder(AdaptiveLimit):
+        def observe(self, latency_s: float, overload: bool, in_flight: int) -> None:
+            observed.append((overload, in_flight))
+
+    sink = FakeSink()
+    sink.results["busy"] = Outcome.transient("HTTP 429", overload=True)
+    settings = make_settings()
+    pipeline = Pipeline(sink, settings, Metrics(settings.concurrency), limit=Recorder(10))
+    for content in ("ok", "busy", "ok"):
+        await pipeline.handle(delivery(content))
+    assert observed == [(False, 1), (True, 1)]  # the second "ok" is a duplicate
+
+
+async def test_parked_copy_keeps_its_attempts_and_restarts_the_budget_clock() -> None:
+    """A copy parked by the open breaker keeps its attempts but drops the first-failure time."""
+    sink = FakeSink(Outcome.transient("HTTP 503"))
+    pipeline, breaker, _ = breaker_pipeline(sink, failures=1)
+    await pipeline.handle(delivery("trip"))
+    assert breaker.state is State.OPEN
+    old = delivery("old", headers={H_ATTEMPTS: 3, H_FIRST_FAILURE_MS: 1_000})
+    await pipeline.handle(old)
+    assert old.verdict.decision.action is Action.RETRY and not old.verdict.decision.counts
+    assert old.verdict.attempt == 3 and old.verdict.first_failure_ts is None

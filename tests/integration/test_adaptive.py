@@ -1,0 +1,102 @@
+"""Adaptive concurrency end to end: a real RabbitMQ, the stand-in Session-Buddy with a capacity."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.helpers import depth, publish_items, wait_until
+from worker.service import Service
+from worker.standin import StandIn, StandInConfig
+
+pytestmark = pytest.mark.integration
+
+MAX = 20
+
+
+async def unacked(connection, service: Service, sb: StandIn, published: int) -> int:
+    """Messages the worker holds now: published minus stored minus still ready in the queue."""
+    ready = await depth(connection, service.topology.queue)
+    return published - sb.stats.distinct_keys - ready
+
+
+async def test_one_call_at_a_time_sink_keeps_the_limit_and_prefetch_low(make_settings, connection):
+    """A sink that serves one call at a time: the limit settles at 1-3, prefetch follows it,
+    and what this worker cannot start stays in the queue for others."""
+    published = 400
+    async with StandIn(StandInConfig(latency_s=0.01, max_concurrency=1)) as sb:
+        settings = make_settings(
+            pools={
+                "session_buddy_url": sb.url,
+                "max_concurrent_memory_insertions": MAX,
+                "adaptive_concurrency": True,
+            }
+        )
+        await publish_items(connection, settings, published)
+        async with Service(settings) as service:
+            consumer = service._consumer
+            assert consumer is not None
+            await wait_until(lambda: sb.stats.distinct_keys >= 150, timeout_s=60)
+            limits, prefetches, held = [], [], []
+            while sb.stats.distinct_keys < published - 50:
+                limits.append(service.limit.limit)
+                prefetches.append(consumer.prefetch)
+                held.append(await unacked(connection, service, sb, published))
+            await wait_until(lambda: sb.stats.distinct_keys == published, timeout_s=60)
+        print(
+            f"limits {sorted(set(limits))}, prefetches {sorted(set(prefetches))}, "
+            f"held ≤ {max(held)}"
+        )
+    assert max(limits) <= 4
+    assert max(prefetches) <= 4
+    # Re-subscribing can briefly hold the old prefetch plus the new one, never a fixed 20.
+    assert max(held) <= 8
+    assert sb.stats.duplicates == 0
+
+
+async def test_adaptation_off_keeps_the_fixed_limit(make_settings, connection):
+    """With pools.adaptive_concurrency false the limit and the prefetch stay at the maximum."""
+    published = 200
+    async with StandIn(StandInConfig(latency_s=0.01, max_concurrency=1)) as sb:
+        settings = make_settings(
+            pools={
+                "session_buddy_url": sb.url,
+                "max_concurrent_memory_insertions": MAX,
+                "adaptive_concurrency": False,
+            }
+        )
+        await publish_items(connection, settings, published)
+        async with Service(settings) as service:
+            consumer = service._consumer
+            assert consumer is not None
+            await wait_until(lambda: sb.stats.in_flight == MAX, timeout_s=30)
+            assert service.limit.limit == MAX and consumer.prefetch == MAX
+            await wait_until(lambda: sb.stats.distinct_keys == published, timeout_s=60)
+            assert service.limit.limit == MAX and consumer.prefetch == MAX
+
+
+async def test_limit_follows_a_capacity_drop_and_recovers(make_settings, connection):
+    """Healthy sink: the limit reaches the max; capacity drops to 3: it follows; back: it climbs."""
+    published = 6_000
+    async with StandIn(StandInConfig(latency_s=0.05)) as sb:
+        settings = make_settings(
+            pools={
+                "session_buddy_url": sb.url,
+                "max_concurrent_memory_insertions": MAX,
+                "adaptive_concurrency": True,
+            }
+        )
+        await publish_items(connection, settings, published)
+        async with Service(settings) as service:
+            consumer = service._consumer
+            assert consumer is not None
+            await wait_until(lambda: service.limit.limit == MAX and consumer.prefetch == MAX)
+            sb.config.max_concurrency = 3
+            await wait_until(lambda: service.limit.limit <= 6, timeout_s=20)
+            await wait_until(lambda: consumer.prefetch <= 6, timeout_s=10)
+            dropped_to = service.limit.limit
+            sb.config.max_concurrency = None
+            await wait_until(lambda: service.limit.limit == MAX, timeout_s=60)
+            sb.config.latency_s = 0.0
+            await wait_until(lambda: sb.stats.distinct_keys == published, timeout_s=120)
+        print(f"dropped to {dropped_to}, unloaded {service.limit.unloaded_s:.3f} s")
+    assert sb.stats.duplicates == 0
