@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -79,12 +80,17 @@ async def _run(settings: Settings) -> int:
     def on_signal(signum: int) -> None:
         nonlocal signals
         signals += 1
+        name = signal.Signals(signum).name
+        # Act before logging: with its log pipe gone (a dead reader), a log call raises and
+        # the worker must still stop.
         if signals > 1:
             # Unacked deliveries go back to the queue when our connection drops.
-            log.warning("forced_exit", signal=signal.Signals(signum).name)
+            with contextlib.suppress(OSError):
+                log.warning("forced_exit", signal=name)
             os._exit(EXIT_FORCED)
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
         service.stop()
+        with contextlib.suppress(OSError):
+            log.info("shutdown_requested", signal=name)
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)

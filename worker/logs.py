@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal, TextIO, cast
 
 import orjson
 import structlog
@@ -13,6 +13,34 @@ import structlog
 def _orjson(obj: Any, **_: Any) -> bytes:
     # One line per message outcome is on the hot path; orjson is ~10x the stdlib encoder.
     return orjson.dumps(obj, default=str)
+
+
+class TolerantStream:
+    """A log stream that stops writing once its reader is gone, instead of raising.
+
+    A worker whose log pipe broke must still settle, drain and stop on SIGTERM; a log call
+    that raised would abort exactly those paths.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self.broken = False
+
+    def write(self, data: Any) -> None:
+        """Write, unless the reader is gone."""
+        if not self.broken:
+            try:
+                self._stream.write(data)
+            except (BrokenPipeError, ConnectionResetError):
+                self.broken = True
+
+    def flush(self) -> None:
+        """Flush, unless the reader is gone."""
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                self.broken = True
 
 
 def configure_logging(
@@ -29,10 +57,11 @@ def configure_logging(
     factory: Any
     if as_json:
         processors.append(structlog.processors.JSONRenderer(serializer=_orjson))
-        factory = structlog.BytesLoggerFactory(sys.stderr.buffer)
+        # structlog's loggers only call write() and flush().
+        factory = structlog.BytesLoggerFactory(cast(BinaryIO, TolerantStream(sys.stderr.buffer)))
     else:
         processors.append(structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty()))
-        factory = structlog.PrintLoggerFactory(sys.stderr)
+        factory = structlog.PrintLoggerFactory(cast(TextIO, TolerantStream(sys.stderr)))
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),

@@ -250,3 +250,24 @@ async def test_queue_with_other_arguments_is_refused_with_a_clear_message(
         stderr.decode()
     )
     assert "inequivalent arg" in stderr.decode()
+
+
+async def test_sigterm_stops_a_worker_whose_log_reader_is_gone(make_settings, connection):
+    """With the reader of its log pipe gone, a worker still stops on SIGTERM, exit 0."""
+    async with StandIn() as sb:
+        settings = make_settings(pools={"session_buddy_url": sb.url})
+        await publish_items(connection, settings, 5)
+        process = await start_worker_process(worker_env(settings))
+        try:
+            await wait_until(lambda: sb.stats.distinct_keys == 5)
+            transport = process._transport  # type: ignore[attr-defined]
+            for fd in (1, 2):
+                transport.get_pipe_transport(fd).close()  # writes now fail with EPIPE
+            await asyncio.sleep(0.2)
+            process.send_signal(signal.SIGTERM)
+            returncode = await asyncio.wait_for(process.wait(), 30)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert returncode == 0
