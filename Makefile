@@ -18,8 +18,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/memory-worker demo
 
+# The ten-minute outage test mostly waits, so it runs beside the rest of the suite; its
+# output is printed once both are done, and either failing fails the target.
+OUTAGE_TEST := tests/faults/test_outage.py
+OUTAGE_LOG := $(VENV)/outage-test.log
+
 test: lint typecheck
-	$(BIN)/pytest -q -p no:cacheprovider
+	@$(BIN)/pytest -q -s -p no:cacheprovider $(OUTAGE_TEST) > $(OUTAGE_LOG) 2>&1 & outage=$$!; \
+	$(BIN)/pytest -q -p no:cacheprovider --ignore=$(OUTAGE_TEST); suite=$$?; \
+	echo "waiting for $(OUTAGE_TEST) (a ten-minute outage)..."; wait $$outage; long=$$?; \
+	grep -v '^{' $(OUTAGE_LOG) | tail -n 20; \
+	test $$suite -eq 0 && test $$long -eq 0
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
