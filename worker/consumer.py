@@ -45,6 +45,7 @@ from worker.topology import (
 log = structlog.get_logger("worker.consumer")
 DETAIL_HEADER_CHARS = 1000
 CONFIRM_TIMEOUT_S = 30.0
+BROKER_CALL_TIMEOUT_S = 10.0
 RECOVERY_FIRST_S = 1.0  # aio-pika re-consumes on its own when the queue still exists
 RECOVERY_MAX_S = 30.0
 
@@ -348,10 +349,13 @@ class Consumer:
             await self._cancel()
             assert self._on_message is not None
             try:
-                # A per-consumer prefetch applies to consumers started after it is set.
-                await self._channel.set_qos(prefetch_count=prefetch)
-                self._tag = await self._queue.consume(self._on_message)
-            except CONNECTION_EXCEPTIONS as exc:
+                # A robust channel waits for its reconnect: bounded, so the lock is never held
+                # for an outage (a shutdown waits for it); the caller tries again later.
+                async with asyncio.timeout(BROKER_CALL_TIMEOUT_S):
+                    # A per-consumer prefetch applies to consumers started after it is set.
+                    await self._channel.set_qos(prefetch_count=prefetch)
+                    self._tag = await self._queue.consume(self._on_message)
+            except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
                 log.warning("consumer_resume_failed", error=repr(exc))
                 return
             self._consuming_prefetch = prefetch
@@ -365,8 +369,9 @@ class Consumer:
     async def _cancel(self) -> None:
         if self._queue is not None and self._tag is not None:
             try:
-                await self._queue.cancel(self._tag)
-            except CONNECTION_EXCEPTIONS as exc:
+                async with asyncio.timeout(BROKER_CALL_TIMEOUT_S):
+                    await self._queue.cancel(self._tag)
+            except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
                 log.warning("consumer_cancel_failed", error=repr(exc))
             self._tag = None
 

@@ -117,14 +117,16 @@ class Service:
         self._stop = asyncio.Event()
         self._stack = AsyncExitStack()
         self._consumer: Consumer | None = None
+        self._connection: AbstractRobustConnection | None = None
         self._dispatcher: Dispatcher | None = None
         self._follower: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
-        """Consuming, and the sink's breaker is not open."""
+        """Connected to the broker, consuming, and the sink's breaker is not open."""
         lost = self._consumer is not None and self._consumer.lost
-        return self._running and not lost and self.breaker.state is not State.OPEN
+        connected = self._connection is not None and self._connection.connected.is_set()
+        return self._running and connected and not lost and self.breaker.state is not State.OPEN
 
     async def __aenter__(self) -> Self:
         try:
@@ -146,7 +148,7 @@ class Service:
         sink = make_sink(s, client)
         await self._stack.enter_async_context(sink)
         await preflight_sink(sink, s.sink.tool)
-        connection = await connect(s)
+        connection = self._connection = await connect(s)
         self._stack.push_async_callback(connection.close)
         if s.rabbitmq.declare:
             await self.topology.declare(connection)

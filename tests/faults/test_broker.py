@@ -152,6 +152,7 @@ async def test_broker_restart_mid_run_loses_nothing(node, make_settings, connect
                 await node.stop_app()
                 at_stop = sb.stats.distinct_keys
                 await asyncio.sleep(3)
+                ready_while_down = service.ready
                 await node.start_app()
             finally:
                 await node.ensure_running()  # when something failed while it was down
@@ -167,7 +168,7 @@ async def test_broker_restart_mid_run_loses_nothing(node, make_settings, connect
             ledger = await tally(conn, settings, sb, published)
     print(f"consumer prefetch after the restart: {prefetches}, late settlements: {late}")
     assert len(prefetches) == 1 and 1 <= prefetches[0] <= settings.concurrency
-    assert ready
+    assert ready and not ready_while_down  # /readyz is 503 while the broker is away
     assert ledger.lost == 0 and ledger.stored == published
     assert ledger.dead == 0 and ledger.still_queued == 0
     # Unacked at the stop is at most the prefetch, which is at most the concurrency.
