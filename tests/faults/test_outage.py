@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 OUTAGE_S = float(os.environ.get("MW_OUTAGE_S", "600"))
 
 
+@pytest.mark.timeout(OUTAGE_S + 600)
 async def test_ten_minute_outage_ends_with_zero_dead_letters(make_settings, connection):
     """Session-Buddy down for 10 minutes mid-run: the worker pauses, probes, and after recovery
     stores every item; nothing is dead-lettered, nothing lost, nothing spins."""
