@@ -244,3 +244,18 @@ async def open_ledger(settings: Settings, metrics: Metrics) -> AsyncIterator[Led
         return
     async with RedisLedger.from_settings(url.get_secret_value(), settings, metrics) as ledger:
         yield ledger
+
+
+async def ping(url: str, timeout_s: float) -> str | None:
+    """Reach Redis once: None when it answers, else what failed (for `memory-worker check`)."""
+    redis = Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            await redis.ping()
+    except ERRORS as exc:
+        return repr(exc)
+    finally:
+        await redis.aclose()
+    return None

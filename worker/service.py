@@ -24,6 +24,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from worker.breaker import CircuitBreaker, State
 from worker.consumer import CONFIRM_TIMEOUT_S, Consumer
 from worker.ledger import open_ledger
+from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
@@ -339,4 +340,9 @@ async def check(settings: Settings) -> dict[str, str | None]:
                 results[f"sink {sink_url}"] = None
         except (httpx.HTTPError, SinkConfigError) as exc:
             results[f"sink {sink_url}"] = repr(exc)
+    if settings.ledger.url is not None:
+        redis_url = settings.ledger.url.get_secret_value()
+        # A ledger call normally gets ledger.timeout_s; a one-off check can wait a little longer.
+        problem = await ledger_ping(redis_url, max(1.0, settings.ledger.timeout_s))
+        results[f"ledger {masked(redis_url)}"] = problem
     return results

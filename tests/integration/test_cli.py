@@ -36,3 +36,21 @@ async def test_check_names_the_sink_that_does_not_answer(make_settings):
     code, out = await _check(worker_env(make_settings(pools={"session_buddy_url": url})))
     assert code == 1
     assert f"sink {url}: FAILED" in out
+
+
+async def test_check_reaches_the_shared_ledger(make_settings, redis_url):
+    """With ledger.url set, `check` also pings Redis and says ok."""
+    async with StandIn() as sb:
+        env = worker_env(make_settings(pools={"session_buddy_url": sb.url}))
+        code, out = await _check({**env, "MAHAVISHNU_LEDGER__URL": redis_url})
+    assert code == 0, out
+    assert "ledger redis://" in out and out.rstrip().endswith("ok")
+
+
+async def test_check_names_a_ledger_that_does_not_answer(make_settings):
+    """A Redis URL where nothing listens makes `check` exit 1 and name the ledger."""
+    async with StandIn() as sb:
+        env = worker_env(make_settings(pools={"session_buddy_url": sb.url}))
+        code, out = await _check({**env, "MAHAVISHNU_LEDGER__URL": "redis://127.0.0.1:9/0"})
+    assert code == 1
+    assert "ledger redis://127.0.0.1:9/0: FAILED" in out
