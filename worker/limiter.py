@@ -12,7 +12,12 @@ slot, so a window is about one round trip of every slot):
   back is found again within a few windows; above `shrink_above` it shrinks in proportion (at
   most by half); in between it holds;
 - a window where at least `overload_share` of stores were overload signals (429, 503, a
-  timeout) halves the limit whatever the latency.
+  timeout) halves the limit whatever the latency;
+- a limit that latency pushed back from is a ceiling: the limit grows to it again only when
+  latency is flat (below `flat_below` times unloaded: the capacity is back) or after
+  `patience` good windows in a row. Without it a sink whose latency at the best limit sits
+  just under `grow_below` would be probed one step higher every few windows, and those
+  windows set the p95.
 
 A sink that handles one call at a time thus settles near a limit of two (one call running,
 one waiting), latency close to unloaded and no throughput lost; a sink with room for every
@@ -38,6 +43,8 @@ class AdaptiveLimit:
         grow_below: float = 1.7,
         shrink_above: float = 2.0,
         overload_share: float = 0.1,
+        flat_below: float = 1.2,
+        patience: int = 40,
         on_change: Callable[[int, str], None] | None = None,
     ) -> None:
         self.maximum = maximum
@@ -49,6 +56,10 @@ class AdaptiveLimit:
         self._shrink_above = shrink_above
         self._overload_share = overload_share
         self._on_change = on_change
+        self._flat_below = flat_below
+        self._patience = patience
+        self._ceiling: int | None = None
+        self._good_windows = 0
         self._starting = True
         self._reset_window()
 
@@ -80,12 +91,20 @@ class AdaptiveLimit:
             self.unloaded_s = min(self.unloaded_s, mean_s)
         ratio = mean_s / self.unloaded_s if self.unloaded_s > 0 else 1.0
         limit = self.limit
+        good = ratio < self._grow_below and saturated and not overloaded
+        self._good_windows = self._good_windows + 1 if good else 0
         if overloaded:
             limit, why = limit // 2, "overload"
         elif ratio > self._shrink_above:
+            self._ceiling = limit  # latency was too high here: come back only with evidence
             limit, why = math.floor(limit * max(0.5, self._shrink_above / ratio)), "latency"
-        elif ratio < self._grow_below and saturated:
+        elif good:
             limit, why = (limit * 2 if self._starting else limit + max(1, limit // 4)), "headroom"
+            if self._ceiling is not None and limit >= self._ceiling:
+                if ratio < self._flat_below or self._good_windows >= self._patience:
+                    self._ceiling = None
+                else:
+                    limit = max(self.limit, self._ceiling - 1)
         else:
             why = "steady"
         if why in ("overload", "latency") or ratio >= self._grow_below:

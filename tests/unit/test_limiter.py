@@ -150,3 +150,14 @@ def test_limit_stays_within_bounds() -> None:
         n = limit.limit
         limit.observe(rng.expovariate(1.0) * n, overload=rng.random() < 0.2, in_flight=n)
         assert 1 <= limit.limit <= 10
+
+
+def test_a_limit_latency_pushed_back_from_is_rarely_probed_again() -> None:
+    """A sink whose latency at 2 is just under the growth bound (1.6x unloaded) and at 3 over
+    the shrink bound: the limit stays at 2 instead of stepping to 3 every few windows."""
+    rng = random.Random(11)
+    limit = AdaptiveLimit(50)
+    seen = run(limit, lambda n: 0.03 * (1 + 0.6 * (n - 1)) * rng.lognormvariate(0, 0.2), 6_000)
+    late = seen[1_000:]
+    assert sum(n >= 3 for n in late) / len(late) < 0.02
+    assert late.count(2) / len(late) > 0.9
