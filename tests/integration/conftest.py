@@ -99,6 +99,8 @@ def make_settings(amqp_url: str) -> Iterator[Any]:
         return settings
 
     yield build
+    # A worker a failing test left behind would redeclare what is deleted next.
+    kill_leftover_workers()
     if made:
         import asyncio
 
