@@ -78,7 +78,7 @@ class BrokerNode:
     `start_app` and `close_all_connections` from tests.
     """
 
-    def __init__(self, consumer_timeout_ms: int | None = None) -> None:
+    def __init__(self, consumer_timeout_ms: int | None = None, management: bool = False) -> None:
         script = server_script()
         if script is None:
             raise BrokerNodeError("RabbitMQ is not installed: no rabbitmq-server script found")
@@ -89,8 +89,15 @@ class BrokerNode:
         self.dist_port = 0
         self.app_running = False
         self._consumer_timeout_ms = consumer_timeout_ms
+        self._management = management
+        self.management_port = 0
         self._dir: Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def management_url(self) -> str:
+        """The management API's base URL with guest's credentials (management=True only)."""
+        return f"http://guest:guest@127.0.0.1:{self.management_port}/"
 
     @property
     def amqp_url(self) -> str:
@@ -121,11 +128,15 @@ class BrokerNode:
     def _write_files(self, base: Path) -> None:
         (base / "mnesia").mkdir()
         (base / "log").mkdir()
-        (base / "enabled_plugins").write_text("[].\n")
+        plugins = "[rabbitmq_management]" if self._management else "[]"
+        (base / "enabled_plugins").write_text(f"{plugins}.\n")
         (base / "rabbitmq-env.conf").write_text("")
         lines = [f"listeners.tcp.default = 127.0.0.1:{self.port}", "log.file.level = info"]
         if self._consumer_timeout_ms is not None:
             lines.append(f"consumer_timeout = {self._consumer_timeout_ms}")
+        if self._management:
+            port = self.management_port
+            lines += ["management.tcp.ip = 127.0.0.1", f"management.tcp.port = {port}"]
         (base / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
 
     def start(self) -> None:
@@ -141,6 +152,7 @@ class BrokerNode:
         self.name = f"mw-test-{uuid.uuid4().hex[:8]}@localhost"
         self._dir = Path(tempfile.mkdtemp(prefix="mw-rabbit-"))
         self.port, self.dist_port = free_port(), free_port()
+        self.management_port = free_port() if self._management else 0
         self._write_files(self._dir)
         output = (self._dir / "server.out").open("wb")
         with output:

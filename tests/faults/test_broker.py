@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import aio_pika
+import httpx
 import pytest
 from structlog.testing import capture_logs
 
@@ -29,6 +30,7 @@ from tests.integration.helpers import (
     wait_until,
     worker_env,
 )
+from worker.cli import EXIT_CONFIG
 from worker.publisher import Publisher
 from worker.service import Service
 from worker.settings import Settings
@@ -55,7 +57,7 @@ def node() -> Iterator[BrokerNode]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    with BrokerNode() as broker:
+    with BrokerNode(management=True) as broker:  # management: the policy preflight
         yield broker
 
 
@@ -322,3 +324,51 @@ async def test_deleted_work_queue_is_redeclared_and_consumed_again(
     assert ready
     assert ledger.lost == 0 and ledger.stored == first + second
     assert ledger.dead == 0 and ledger.still_queued == 0 and ledger.duplicates == 0
+
+
+# --- 6. Preflight against the broker's effective policy ---------------------------------------
+
+
+async def shown_policy(node: BrokerNode, queue: str, policy: str | None) -> None:
+    """Wait until the management API shows `policy` on `queue` (it lags by a statistics pass)."""
+    api = f"http://127.0.0.1:{node.management_port}/api/queues/%2F/{queue}"
+    async with httpx.AsyncClient(auth=("guest", "guest")) as http:
+        for _ in range(300):
+            if (await http.get(api)).json().get("policy") == policy:
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the management API never showed policy {policy!r} on {queue}")
+
+
+async def test_queue_policy_that_disagrees_stops_the_worker_with_exit_78(
+    node, make_settings, connection
+):
+    """A policy lowering the delivery limit: with management_url set the worker refuses to start
+    (exit 78) and names the difference; without the policy it starts and consumes."""
+    async with StandIn() as sb:
+        settings = make_settings(pools={"session_buddy_url": sb.url})
+        queue = settings.rabbitmq.queue
+        await publish_items(connection, settings, 3)
+        env = worker_env(settings, MAHAVISHNU_RABBITMQ__MANAGEMENT_URL=node.management_url)
+        policy = f"mw-test-{uuid.uuid4().hex[:6]}"
+        pattern = "^" + queue.replace(".", "\\.") + "$"
+        limit = '{"delivery-limit": 5}'
+        await node.ctl("set_policy", policy, pattern, limit, "--apply-to", "queues")
+        try:
+            await shown_policy(node, queue, policy)
+            refused = await start_worker_process(env)
+            _, stderr = await asyncio.wait_for(refused.communicate(), 60)
+        finally:
+            await node.ctl("clear_policy", policy)
+        await shown_policy(node, queue, None)
+        allowed = await start_worker_process(env)
+        try:
+            await wait_until(lambda: sb.stats.distinct_keys == 3)
+        finally:
+            allowed.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(allowed.communicate(), 60)
+    text = stderr.decode()
+    print(text.strip().splitlines()[-3:])
+    assert refused.returncode == EXIT_CONFIG, text
+    assert "delivery" in text and "5" in text, text
+    assert allowed.returncode == 0
