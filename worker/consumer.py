@@ -94,10 +94,9 @@ class Outbox:
             H_LAST_FAILURE_MS: round(now * 1000),
             H_DETAIL: verdict.outcome.detail[:DETAIL_HEADER_CHARS],
         }
+        # None only for a copy parked without counting: its budget clock has not started.
         if verdict.first_failure_ts is not None:
             headers[H_FIRST_FAILURE_MS] = round(verdict.first_failure_ts * 1000)
-        elif verdict.decision.action is Action.DEAD_LETTER:
-            headers[H_FIRST_FAILURE_MS] = round(now * 1000)
         return headers
 
     async def retry(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
@@ -167,28 +166,23 @@ class AmqpDelivery:
             log.error("publish_unconfirmed", action=action.value, error=repr(exc))
             return await self._requeue()
         except CONNECTION_EXCEPTIONS as exc:
-            # Never retried: the broker requeued the delivery when the channel closed.
-            log.warning(
-                "settle_on_closed_channel",
-                action=action.value,
-                error=repr(exc),
-                redelivery_expected=True,
-            )
-            return False
+            return _closed(action.value, exc)
         return True
 
     async def _requeue(self) -> bool:
         try:
             await self._message.nack(requeue=True)
         except CONNECTION_EXCEPTIONS as exc:
-            log.warning(
-                "settle_on_closed_channel",
-                action="requeue",
-                error=repr(exc),
-                redelivery_expected=True,
-            )
-            return False
+            return _closed(Action.REQUEUE.value, exc)
         return True
+
+
+def _closed(action: str, exc: BaseException) -> bool:
+    """Log a settlement the closed channel refused; never retried, the broker requeued it."""
+    log.warning(
+        "settle_on_closed_channel", action=action, error=repr(exc), redelivery_expected=True
+    )
+    return False
 
 
 class Consumer:
@@ -312,8 +306,9 @@ class Consumer:
                 # Its unacked deliveries go back to the queue (if it still exists).
                 with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
                     await asyncio.wait_for(self._channel.close(), CONFIRM_TIMEOUT_S)
-            # Subscribed even if the breaker paused us meanwhile: its follower pauses again on
-            # its next pass, while a resume that failed on the dead channel may never be retried.
+            # Subscribed even if the breaker paused us meanwhile: the service's steering loop
+            # pauses again on its next pass, while a resume that failed on the dead channel
+            # may never be retried.
             self._tag = None
             await self._open(self._consuming_prefetch)
             return True
@@ -338,9 +333,8 @@ class Consumer:
         async with self._lock:
             await self._cancel()
 
-    async def resume(self, prefetch: int | None = None) -> None:
-        """Consume again with `prefetch` (default: the usual one); a no-op if already so."""
-        prefetch = prefetch or self._prefetch
+    async def resume(self, prefetch: int) -> None:
+        """Consume again with `prefetch`; a no-op if already so."""
         async with self._lock:
             if self._stopped or self._queue is None or self._channel is None:
                 return

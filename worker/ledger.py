@@ -57,6 +57,18 @@ return 0
 """
 
 
+def client(url: str, timeout_s: float) -> Redis:
+    """A Redis client whose every call costs at most `timeout_s`."""
+    # No client-side retries: a slow or absent Redis must cost one short timeout, no more.
+    return Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 class Status(enum.Enum):
     """What the ledger says about an idempotency key."""
 
@@ -123,14 +135,7 @@ class RedisLedger:
         timeout_s: float,
         worker_id: str,
     ) -> None:
-        # No client-side retries: a slow or absent Redis must cost one short timeout, no more.
-        self._redis = Redis.from_url(
-            url,
-            decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._redis = client(url, timeout_s)
         self._claim = self._redis.register_script(CLAIM)
         self._release = self._redis.register_script(RELEASE)
         parsed = urlparse(url)
@@ -248,9 +253,7 @@ async def open_ledger(settings: Settings, metrics: Metrics) -> AsyncIterator[Led
 
 async def ping(url: str, timeout_s: float) -> str | None:
     """Reach Redis once: None when it answers, else what failed (for `memory-worker check`)."""
-    redis = Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
-    )
+    redis = client(url, timeout_s)
     try:
         async with asyncio.timeout(timeout_s):
             await redis.ping()

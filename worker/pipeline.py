@@ -110,7 +110,6 @@ class Pipeline:
         self._metrics = metrics
         self._breaker = breaker
         self._limit = limit
-        self._at_sink = 0
         self._resume_at = 0.0  # monotonic time before which no store starts (Retry-After)
         self._policy: RetryPolicy = settings.retry.policy
         self._recent = RecentKeys(settings.worker.dedupe_cache_size)
@@ -134,7 +133,6 @@ class Pipeline:
         timeout_s = self._settings.sink.timeout_s
         outcome = Outcome.duplicate()  # stays so only if every part was stored before
         self._metrics.insert_started()
-        self._at_sink += 1
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout_s):
@@ -158,11 +156,10 @@ class Pipeline:
             raise
         finally:
             latency_s = time.perf_counter() - started
-            stored = outcome.kind is Kind.STORED
-            self._metrics.insert_finished(stored, latency_s)
             if self._limit is not None and outcome.kind is not Kind.DUPLICATE:
-                self._limit.observe(latency_s, outcome.overload, self._at_sink)
-            self._at_sink -= 1
+                # Read before insert_finished: the stores running while this one ran, itself too.
+                self._limit.observe(latency_s, outcome.overload, self._metrics.in_flight)
+            self._metrics.insert_finished(outcome.kind is Kind.STORED, latency_s)
         self._report(outcome, probe)
         if outcome.retry_after_s:
             self._hold_off(outcome.retry_after_s)

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tests.integration.helpers import depth, publish_items, wait_until
 from worker.service import Service
+from worker.settings import Settings
 from worker.standin import StandIn, StandInConfig
 
 pytestmark = pytest.mark.integration
 
 MAX = 20
+
+
+def sink_settings(make_settings: Any, sb: StandIn, adaptive: bool) -> Settings:
+    """Settings on the stand-in with a maximum of MAX, adaptation on or off."""
+    pools = {"session_buddy_url": sb.url, "max_concurrent_memory_insertions": MAX}
+    return make_settings(pools={**pools, "adaptive_concurrency": adaptive})
 
 
 async def unacked(connection, service: Service, sb: StandIn, published: int) -> int:
@@ -24,13 +33,7 @@ async def test_one_call_at_a_time_sink_keeps_the_limit_and_prefetch_low(make_set
     and what this worker cannot start stays in the queue for others."""
     published = 400
     async with StandIn(StandInConfig(latency_s=0.01, max_concurrency=1)) as sb:
-        settings = make_settings(
-            pools={
-                "session_buddy_url": sb.url,
-                "max_concurrent_memory_insertions": MAX,
-                "adaptive_concurrency": True,
-            }
-        )
+        settings = sink_settings(make_settings, sb, adaptive=True)
         await publish_items(connection, settings, published)
         async with Service(settings) as service:
             consumer = service._consumer
@@ -57,13 +60,7 @@ async def test_adaptation_off_keeps_the_fixed_limit(make_settings, connection):
     """With pools.adaptive_concurrency false the limit and the prefetch stay at the maximum."""
     published = 200
     async with StandIn(StandInConfig(latency_s=0.01, max_concurrency=1)) as sb:
-        settings = make_settings(
-            pools={
-                "session_buddy_url": sb.url,
-                "max_concurrent_memory_insertions": MAX,
-                "adaptive_concurrency": False,
-            }
-        )
+        settings = sink_settings(make_settings, sb, adaptive=False)
         await publish_items(connection, settings, published)
         async with Service(settings) as service:
             consumer = service._consumer
@@ -78,13 +75,7 @@ async def test_limit_follows_a_capacity_drop_and_recovers(make_settings, connect
     """Healthy sink: the limit reaches the max; capacity drops to 3: it follows; back: it climbs."""
     published = 6_000
     async with StandIn(StandInConfig(latency_s=0.05)) as sb:
-        settings = make_settings(
-            pools={
-                "session_buddy_url": sb.url,
-                "max_concurrent_memory_insertions": MAX,
-                "adaptive_concurrency": True,
-            }
-        )
+        settings = sink_settings(make_settings, sb, adaptive=True)
         await publish_items(connection, settings, published)
         async with Service(settings) as service:
             consumer = service._consumer
