@@ -16,7 +16,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
-import httpx
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
@@ -32,8 +31,9 @@ from worker.ops import OpsServer
 from worker.outcome import Outcome
 from worker.pipeline import Dispatcher, Pipeline
 from worker.settings import Settings
-from worker.sink import HttpSink, McpSink, Sink, SinkConfigError, make_client
+from worker.sink import HttpSink, McpSink, Sink, SinkConfigError
 from worker.topology import Topology, check_consumer_timeout, check_queue_policies
+from worker.transport import HttpClient, TransportError, make_client
 
 log = structlog.get_logger("worker.service")
 PREFETCH_EVERY_S = 0.25
@@ -72,7 +72,7 @@ async def connect(settings: Settings) -> AbstractRobustConnection:
             delay_s = min(delay_s * 2, 10.0)
 
 
-def make_sink(settings: Settings, client: httpx.AsyncClient) -> McpSink | HttpSink:
+def make_sink(settings: Settings, client: HttpClient) -> McpSink | HttpSink:
     """The sink the settings name."""
     url = str(settings.pools.session_buddy_url)
     if settings.sink.kind == "http":
@@ -86,7 +86,7 @@ async def preflight_sink(sink: McpSink | HttpSink, tool: str) -> None:
         return
     try:
         tools = await sink.list_tools()
-    except (httpx.HTTPError, SinkConfigError) as exc:
+    except (TransportError, SinkConfigError) as exc:
         log.warning("sink_unreachable_at_start", error=repr(exc))
         return
     if tool not in tools:
@@ -336,9 +336,9 @@ async def check(settings: Settings) -> dict[str, str | None]:
                 missing = settings.sink.tool not in tools
                 results[f"sink {sink_url}"] = f"no tool {settings.sink.tool!r}" if missing else None
             else:
-                await client.head(sink_url)
+                await client.request("HEAD", sink_url, {})
                 results[f"sink {sink_url}"] = None
-        except (httpx.HTTPError, SinkConfigError) as exc:
+        except (TransportError, SinkConfigError) as exc:
             results[f"sink {sink_url}"] = repr(exc)
     if settings.ledger.url is not None:
         redis_url = settings.ledger.url.get_secret_value()

@@ -4,6 +4,7 @@
 session); `HttpSink` posts JSON to a plain HTTP service. Neither raises for a failed store:
 every failure the sink understands becomes `rejected` (permanent) or `transient`. Only a bug
 escapes as an exception, and the pipeline dead-letters that as `internal_error`.
+Both speak through `worker.transport.HttpClient`, whose errors they turn into `transient`.
 
 An HTTP 200 from Session-Buddy does not mean stored: the answer's text is what counts.
 """
@@ -12,24 +13,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import itertools
 import json
-import math
 import re
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, Self
 
-import httpx
 import orjson
 
 from worker.outcome import Outcome
-from worker.settings import Settings, SinkSettings
+from worker.settings import SinkSettings
+from worker.transport import HttpClient, Reply, TransportError, TransportTimeout
 
 PROTOCOL_VERSION = "2025-06-18"
+# Built once: every MCP request carries these; a session's requests add its id.
+MCP_HEADERS = {
+    "accept": "application/json, text/event-stream",
+    "content-type": "application/json",
+    "mcp-protocol-version": PROTOCOL_VERSION,
+}
 STORED_MARK = "stored successfully"
 SOFT_ERROR_MARK = "❌"
 PROJECT_PATTERN = re.compile(r"[^a-zA-Z0-9._-]")
@@ -58,46 +62,15 @@ class SinkConfigError(Exception):
     """The sink answers, but not the way this configuration needs (unknown tool, auth)."""
 
 
-def make_client(settings: Settings) -> httpx.AsyncClient:
-    """An HTTP client whose pool fits the concurrency limit, on aiohttp's transport."""
-    from httpx_aiohttp import AiohttpTransport
-
-    size = settings.concurrency + 2
-    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-    timeout = httpx.Timeout(settings.sink.timeout_s, connect=settings.sink.connect_timeout_s)
-    headers = {"user-agent": "memory-worker"}
-    if settings.sink.token is not None:
-        headers["authorization"] = f"Bearer {settings.sink.token.get_secret_value()}"
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(limits=limits), timeout=timeout, headers=headers
-    )
-
-
-def retry_after_s(response: httpx.Response) -> float | None:
-    """Seconds from a Retry-After header (delta or HTTP date), or None."""
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            parsed = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
-            return None  # neither delta-seconds nor an HTTP date: ignore it
-        return max(0.0, parsed.timestamp() - time.time())
-    return max(0.0, seconds) if math.isfinite(seconds) else None
-
-
 def _clip(text: str) -> str:
     return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 1] + "…"
 
 
-def _http_failure(response: httpx.Response) -> Outcome:
-    status = response.status_code
-    detail = _clip(f"HTTP {status}: {response.text.strip()}")
+def _http_failure(reply: Reply) -> Outcome:
+    status = reply.status
+    detail = _clip(f"HTTP {status}: {reply.text.strip()}")
     if status in (401, 403, 408, 425, 429) or status >= 500:
-        return Outcome.transient(detail, retry_after_s(response), overload=status in (429, 503))
+        return Outcome.transient(detail, reply.retry_after_s, overload=status in (429, 503))
     return Outcome.rejected(detail)
 
 
@@ -142,10 +115,15 @@ def judge_tool_result(result: Mapping[str, Any]) -> Outcome:
     return Outcome.rejected(_clip(f"unrecognised answer: {text}"))
 
 
-def _sse_messages(body: str) -> list[Any]:
+def _sse_messages(body: bytes) -> list[Any]:
+    text = body.decode("utf-8", "replace")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     messages = []
     data: list[str] = []
-    for line in [*body.splitlines(), ""]:
+    # SSE ends lines only at CR, LF or CRLF; str.splitlines would also cut a JSON string at a
+    # raw U+2028 or U+0085, which JSON (and Session-Buddy's echo of the content) may hold.
+    for line in [*text.split("\n"), ""]:
         if line.startswith("data:"):
             data.append(line[5:].lstrip(" "))
         elif not line and data:
@@ -154,11 +132,11 @@ def _sse_messages(body: str) -> list[Any]:
     return messages
 
 
-def _rpc_answer(response: httpx.Response, request_id: int) -> Mapping[str, Any] | None:
-    if response.headers.get("content-type", "").startswith("text/event-stream"):
-        candidates = _sse_messages(response.text)
+def _rpc_answer(reply: Reply, request_id: int) -> Mapping[str, Any] | None:
+    if reply.headers.get("content-type", "").startswith("text/event-stream"):
+        candidates = _sse_messages(reply.body)
     else:
-        candidates = [orjson.loads(response.content)]
+        candidates = [orjson.loads(reply.body)]
     for msg in candidates:
         if isinstance(msg, dict) and msg.get("id") == request_id:
             return msg
@@ -172,12 +150,13 @@ class SessionLost(Exception):
 class McpSink:
     """Session-Buddy over MCP streamable HTTP: one long-lived session, concurrent calls."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, sink: SinkSettings) -> None:
+    def __init__(self, client: HttpClient, url: str, sink: SinkSettings) -> None:
         self._client = client
         self._url = url
         self._sink = sink
         self._ids = itertools.count(1)
-        self._session: str | None = None
+        # The live session's request headers (its id included), built once per session.
+        self._session: dict[str, str] | None = None
         self._lock = asyncio.Lock()
         self.sessions_opened = 0
 
@@ -193,8 +172,9 @@ class McpSink:
         """End the MCP session politely; the server forgets it either way."""
         session, self._session = self._session, None
         if session is not None:
-            with contextlib.suppress(httpx.HTTPError):
-                await self._client.delete(self._url, headers={"mcp-session-id": session})
+            end = {"mcp-session-id": session["mcp-session-id"]}
+            with contextlib.suppress(TransportError):
+                await self._client.request("DELETE", self._url, end)
 
     async def store(self, request: StoreRequest) -> Outcome:
         """Call the store tool once; re-open the session once if the server lost it."""
@@ -204,10 +184,10 @@ class McpSink:
                 return await self._call_tool(arguments)
             except SessionLost:
                 continue
-            except httpx.TimeoutException as exc:
-                return Outcome.transient(f"timeout: {type(exc).__name__}", overload=True)
-            except httpx.TransportError as exc:
-                return Outcome.transient(f"{type(exc).__name__}: {exc}")
+            except TransportTimeout as exc:
+                return Outcome.transient(f"timeout: {exc}", overload=True)
+            except TransportError as exc:
+                return Outcome.transient(str(exc))
         return Outcome.transient("session lost twice in a row")
 
     async def list_tools(self) -> list[str]:
@@ -215,11 +195,11 @@ class McpSink:
         session = await self._ensure_session()
         request_id = next(self._ids)
         payload = {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"}
-        response = await self._post(payload, session)
-        if response.status_code != 200:
-            raise SinkConfigError(f"tools/list: HTTP {response.status_code}")
+        reply = await self._post(payload, session)
+        if reply.status != 200:
+            raise SinkConfigError(f"tools/list: HTTP {reply.status}")
         try:
-            answer = _rpc_answer(response, request_id)
+            answer = _rpc_answer(reply, request_id)
         except orjson.JSONDecodeError as exc:
             raise SinkConfigError(f"tools/list: unreadable answer: {exc}") from None
         tools = (answer or {}).get("result", {}).get("tools", [])
@@ -234,14 +214,14 @@ class McpSink:
             "method": "tools/call",
             "params": {"name": self._sink.tool, "arguments": arguments},
         }
-        response = await self._post(payload, session)
-        if response.status_code == 404:
+        reply = await self._post(payload, session)
+        if reply.status == 404:
             await self._forget(session)
             raise SessionLost
-        if response.status_code != 200:
-            return _http_failure(response)
+        if reply.status != 200:
+            return _http_failure(reply)
         try:
-            answer = _rpc_answer(response, request_id)
+            answer = _rpc_answer(reply, request_id)
         except orjson.JSONDecodeError as exc:
             # A proxy page or a truncated stream: the server's problem, not the item's.
             return Outcome.transient(_clip(f"unreadable answer: {exc}"))
@@ -259,17 +239,10 @@ class McpSink:
             return Outcome.rejected(text) if err.get("code") == -32602 else Outcome.transient(text)
         return judge_tool_result(result)
 
-    async def _post(self, payload: Mapping[str, Any], session: str | None) -> httpx.Response:
-        headers = {
-            "accept": "application/json, text/event-stream",
-            "content-type": "application/json",
-            "mcp-protocol-version": PROTOCOL_VERSION,
-        }
-        if session is not None:
-            headers["mcp-session-id"] = session
-        return await self._client.post(self._url, content=orjson.dumps(payload), headers=headers)
+    async def _post(self, payload: Mapping[str, Any], headers: Mapping[str, str]) -> Reply:
+        return await self._client.request("POST", self._url, headers, orjson.dumps(payload))
 
-    async def _ensure_session(self) -> str:
+    async def _ensure_session(self) -> dict[str, str]:
         session = self._session
         if session is not None:
             return session
@@ -279,12 +252,12 @@ class McpSink:
                 self._session = await self._open_session()
             return self._session
 
-    async def _forget(self, session: str) -> None:
+    async def _forget(self, session: dict[str, str]) -> None:
         async with self._lock:
-            if self._session == session:
+            if self._session is session:
                 self._session = None
 
-    async def _open_session(self) -> str:
+    async def _open_session(self) -> dict[str, str]:
         init = {
             "jsonrpc": "2.0",
             "id": next(self._ids),
@@ -295,25 +268,24 @@ class McpSink:
                 "clientInfo": {"name": "memory-worker", "version": "0.1.0"},
             },
         }
-        response = await self._post(init, None)
-        session = response.headers.get("mcp-session-id")
-        if response.status_code != 200 or not session:
-            raise httpx.TransportError(
-                f"initialize failed: HTTP {response.status_code} {_clip(response.text)}"
-            )
+        reply = await self._post(init, MCP_HEADERS)
+        session_id = reply.headers.get("mcp-session-id")
+        if reply.status != 200 or not session_id:
+            raise TransportError(f"initialize failed: HTTP {reply.status} {_clip(reply.text)}")
+        session = {**MCP_HEADERS, "mcp-session-id": session_id}
         notified = await self._post(
             {"jsonrpc": "2.0", "method": "notifications/initialized"}, session
         )
-        if notified.status_code >= 300:
-            raise httpx.TransportError(f"notifications/initialized: HTTP {notified.status_code}")
+        if notified.status >= 300:
+            raise TransportError(f"notifications/initialized: HTTP {notified.status}")
         self.sessions_opened += 1
-        return str(session)
+        return session
 
 
 class HttpSink:
     """A plain JSON-over-HTTP store (ACT-008's `POST /memory` shape)."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str) -> None:
+    def __init__(self, client: HttpClient, url: str) -> None:
         self._client = client
         self._url = url
 
@@ -335,16 +307,13 @@ class HttpSink:
         except TypeError:
             # orjson stops at 64-bit integers; decoding admits wider ones in extra metadata.
             content = json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+        headers = {"content-type": "application/json", "idempotency-key": request.key}
         try:
-            response = await self._client.post(
-                self._url,
-                content=content,
-                headers={"content-type": "application/json", "idempotency-key": request.key},
-            )
-        except httpx.TimeoutException as exc:
-            return Outcome.transient(f"timeout: {type(exc).__name__}", overload=True)
-        except httpx.TransportError as exc:
-            return Outcome.transient(f"{type(exc).__name__}: {exc}")
-        if response.is_success or response.status_code == 409:
+            reply = await self._client.request("POST", self._url, headers, content)
+        except TransportTimeout as exc:
+            return Outcome.transient(f"timeout: {exc}", overload=True)
+        except TransportError as exc:
+            return Outcome.transient(str(exc))
+        if 200 <= reply.status < 300 or reply.status == 409:
             return Outcome.stored()
-        return _http_failure(response)
+        return _http_failure(reply)

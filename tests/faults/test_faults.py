@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
-import httpx
 import pytest
 
 import worker.service as service_module
@@ -44,9 +43,10 @@ from worker.outcome import Kind, Outcome, Reason
 from worker.publisher import Publisher
 from worker.service import Service
 from worker.settings import Settings
-from worker.sink import HttpSink, McpSink, StoreRequest, make_client
+from worker.sink import HttpSink, McpSink, StoreRequest
 from worker.standin import StandIn, StandInConfig
 from worker.topology import H_ATTEMPTS, H_DETAIL, H_REASON, Topology
+from worker.transport import HttpClient, make_client
 
 pytestmark = pytest.mark.integration
 
@@ -465,7 +465,7 @@ async def test_items_that_crash_the_worker_are_dead_lettered_once(
     sinks: list[PoisonSink] = []
     real_make_sink = service_module.make_sink
 
-    def poisoned_sink(settings: Settings, client: httpx.AsyncClient) -> PoisonSink:
+    def poisoned_sink(settings: Settings, client: HttpClient) -> PoisonSink:
         sinks.append(PoisonSink(real_make_sink(settings, client)))
         return sinks[-1]
 

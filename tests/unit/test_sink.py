@@ -1,4 +1,4 @@
-"""Tests for the sinks over httpx.MockTransport: MCP session flow, judging answers, HTTP errors."""
+"""Tests for the sinks over a fake `HttpClient`: MCP session flow, judging answers, HTTP errors."""
 
 from __future__ import annotations
 
@@ -6,19 +6,19 @@ import asyncio
 import email.utils
 import json
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import httpx
 import pytest
 
 from tests.unit.fakes import isolate_settings
 from worker.models import decode_item
 from worker.outcome import Kind, Outcome
 from worker.settings import Settings, SinkSettings
-from worker.sink import HttpSink, McpSink, StoreRequest, make_client, reflection_arguments
+from worker.sink import HttpSink, McpSink, StoreRequest, reflection_arguments
+from worker.transport import Reply, TransportError, TransportTimeout, make_client
 
 URL = "http://sb.test/mcp"
 STORED_TEXT = "💾 Reflection stored successfully!\n📝 Content: hello"
@@ -30,7 +30,25 @@ META = {
     "status": "completed",
     "timestamp": 1_717_171_717.25,
 }
-Reply = httpx.Response | Callable[[httpx.Request], Awaitable[httpx.Response]]
+
+
+class Sent(NamedTuple):
+    """One request as a sink handed it to its client."""
+
+    method: str
+    url: str
+    headers: Mapping[str, str]
+    body: bytes | None
+
+    def json(self) -> Any:
+        """The body, decoded."""
+        assert self.body is not None
+        return json.loads(self.body)
+
+
+def reply(status: int, text: str = "", headers: Mapping[str, str] | None = None) -> Reply:
+    """A whole HTTP answer with a text body."""
+    return Reply(status, dict(headers or {}), text.encode())
 
 
 def request(content: str = "hello", key: str = "key-1", **meta: Any) -> StoreRequest:
@@ -45,55 +63,55 @@ def tool_result(text: str, is_error: bool = False) -> dict[str, Any]:
 
 def rpc_response(
     answer: dict[str, Any], request_id: Any, sse: bool = True, session: str | None = None
-) -> httpx.Response:
+) -> Reply:
     """A JSON-RPC answer, as SSE (what Session-Buddy sends) or as plain JSON."""
     message = {"jsonrpc": "2.0", "id": request_id, **answer}
     headers = {"mcp-session-id": session} if session else {}
     if sse:
         body = f"event: message\ndata: {json.dumps(message)}\n\n"
-        return httpx.Response(
-            200, text=body, headers={**headers, "content-type": "text/event-stream"}
-        )
-    return httpx.Response(200, json=message, headers=headers)
+        return reply(200, body, {**headers, "content-type": "text/event-stream"})
+    return reply(200, json.dumps(message), {**headers, "content-type": "application/json"})
 
 
 class FakeMcp:
     """A Session-Buddy stand-in: sessions, a scripted answer per tools/call, every request kept.
 
-    `reply(payload)` returns the JSON-RPC answer dict, or an httpx.Response, or raises.
+    `reply(payload)` returns the JSON-RPC answer dict, or a `Reply`, or raises.
     """
 
     def __init__(self, sse: bool = True) -> None:
         self.sse = sse
         self.sessions: set[str] = set()
         self.opened = 0
-        self.requests: list[httpx.Request] = []
+        self.requests: list[Sent] = []
         self.reply: Callable[[dict[str, Any]], Any] = lambda _: {"result": tool_result(STORED_TEXT)}
         self.before_call: Callable[[dict[str, Any], str | None], Awaitable[None]] | None = None
 
     def methods(self) -> list[str]:
         """JSON-RPC methods received, in order."""
-        return [json.loads(r.content)["method"] for r in self.requests if r.method == "POST"]
+        return [r.json()["method"] for r in self.requests if r.method == "POST"]
 
-    def calls(self) -> list[httpx.Request]:
+    def calls(self) -> list[Sent]:
         """The tools/call requests received."""
         return [
-            r
-            for r in self.requests
-            if r.method == "POST" and json.loads(r.content)["method"] == "tools/call"
+            r for r in self.requests if r.method == "POST" and r.json()["method"] == "tools/call"
         ]
 
     def restart(self) -> None:
         """Forget every session, like a server restart."""
         self.sessions.clear()
 
-    async def __call__(self, req: httpx.Request) -> httpx.Response:
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None
+    ) -> Reply:
+        """Answer one request the way Session-Buddy does."""
+        req = Sent(method, url, dict(headers), body)
         self.requests.append(req)
-        if req.method == "DELETE":
-            self.sessions.discard(req.headers.get("mcp-session-id", ""))
-            return httpx.Response(200)
-        payload = json.loads(req.content)
-        session = req.headers.get("mcp-session-id")
+        if method == "DELETE":
+            self.sessions.discard(headers.get("mcp-session-id", ""))
+            return reply(200)
+        payload = req.json()
+        session = headers.get("mcp-session-id")
         if payload["method"] == "initialize":
             self.opened += 1
             new = f"session-{self.opened}"
@@ -101,26 +119,40 @@ class FakeMcp:
             result = {"result": {"protocolVersion": payload["params"]["protocolVersion"]}}
             return rpc_response(result, payload["id"], self.sse, session=new)
         if session is None:
-            return httpx.Response(400, text="Bad Request: Missing session ID")
+            return reply(400, "Bad Request: Missing session ID")
         if self.before_call is not None and payload["method"] == "tools/call":
             await self.before_call(payload, session)
         if session not in self.sessions:
-            return httpx.Response(404, text="Session not found")
+            return reply(404, "Session not found")
         if payload["method"] == "notifications/initialized":
-            return httpx.Response(202)
+            return reply(202)
         if payload["method"] == "tools/list":
             tools = {"tools": [{"name": "store_reflection"}, {"name": "quick_search"}]}
             return rpc_response({"result": tools}, payload["id"], self.sse)
         answer = self.reply(payload)
-        if isinstance(answer, httpx.Response):
+        if isinstance(answer, Reply):
             return answer
         return rpc_response(answer, payload["id"], self.sse)
 
 
+class Answering:
+    """A client that hands every request to one function and keeps what was sent."""
+
+    def __init__(self, answer: Callable[[Sent], Reply]) -> None:
+        self.answer = answer
+        self.requests: list[Sent] = []
+
+    async def request(
+        self, method: str, url: str, headers: Mapping[str, str], body: bytes | None = None
+    ) -> Reply:
+        """Record the request and answer it."""
+        self.requests.append(Sent(method, url, dict(headers), body))
+        return self.answer(self.requests[-1])
+
+
 def mcp_sink(server: FakeMcp, sink: SinkSettings | None = None) -> McpSink:
     """An McpSink talking to the fake server."""
-    client = httpx.AsyncClient(transport=httpx.MockTransport(server))
-    return McpSink(client, URL, sink or SinkSettings())
+    return McpSink(server, URL, sink or SinkSettings())
 
 
 @pytest.mark.parametrize("sse", [True, False], ids=["sse", "json"])
@@ -137,7 +169,7 @@ async def test_session_flow(sse: bool) -> None:
     for req in server.requests:
         assert "application/json" in req.headers["accept"]
         assert "text/event-stream" in req.headers["accept"]
-    params = json.loads(server.calls()[0].content)["params"]
+    params = server.calls()[0].json()["params"]
     assert params["name"] == "store_reflection"
     assert params["arguments"]["content"] == "item 0"
 
@@ -222,7 +254,7 @@ async def test_session_not_found_opens_one_new_session_and_retries() -> None:
     assert await sink.store(request("second", "k2")) == Outcome.stored()
     assert sink.sessions_opened == server.opened == 2
     calls = server.calls()
-    assert [json.loads(c.content)["params"]["arguments"]["content"] for c in calls] == [
+    assert [c.json()["params"]["arguments"]["content"] for c in calls] == [
         "first",
         "second",
         "second",
@@ -233,7 +265,7 @@ async def test_session_not_found_opens_one_new_session_and_retries() -> None:
 async def test_session_lost_twice_is_transient() -> None:
     """If the fresh session is lost too, the store is transient and not retried forever."""
     server = FakeMcp()
-    server.reply = lambda _: httpx.Response(404, text="Session not found")
+    server.reply = lambda _: reply(404, "Session not found")
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is Kind.TRANSIENT
     assert len(server.calls()) == 2
@@ -275,7 +307,7 @@ async def test_retry_after_seconds(status: int, retry_after: str | None, expecte
     """429/503 are transient overload signals and carry Retry-After given in seconds."""
     headers = {"retry-after": retry_after} if retry_after is not None else {}
     server = FakeMcp()
-    server.reply = lambda _: httpx.Response(status, text="slow down", headers=headers)
+    server.reply = lambda _: reply(status, "slow down", headers)
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is Kind.TRANSIENT and outcome.overload
     assert outcome.retry_after_s == expected_s
@@ -287,7 +319,7 @@ async def test_retry_after_http_date() -> None:
     when = datetime.now(UTC) + timedelta(seconds=120)
     header = email.utils.format_datetime(when, usegmt=True)
     server = FakeMcp()
-    server.reply = lambda _: httpx.Response(429, headers={"retry-after": header})
+    server.reply = lambda _: reply(429, headers={"retry-after": header})
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is Kind.TRANSIENT
     assert outcome.retry_after_s is not None
@@ -298,7 +330,7 @@ async def test_retry_after_date_in_the_past_is_zero() -> None:
     """A Retry-After date already past means no extra wait."""
     server = FakeMcp()
     header = "Wed, 21 Oct 2015 07:28:00 GMT"
-    server.reply = lambda _: httpx.Response(429, headers={"retry-after": header})
+    server.reply = lambda _: reply(429, headers={"retry-after": header})
     outcome = await mcp_sink(server).store(request())
     assert outcome == Outcome(Kind.TRANSIENT, outcome.detail, retry_after_s=0.0, overload=True)
 
@@ -307,7 +339,7 @@ async def test_retry_after_date_in_the_past_is_zero() -> None:
 async def test_unparseable_retry_after_is_ignored(garbage: str) -> None:
     """A Retry-After that is not finite seconds nor a date is ignored: transient, no crash."""
     server = FakeMcp()
-    server.reply = lambda _: httpx.Response(429, headers={"retry-after": garbage})
+    server.reply = lambda _: reply(429, headers={"retry-after": garbage})
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is Kind.TRANSIENT
     assert outcome.retry_after_s is None
@@ -317,7 +349,7 @@ async def test_unparseable_retry_after_is_ignored(garbage: str) -> None:
 async def test_other_transient_statuses_are_not_overload(status: int) -> None:
     """Only 429 and 503 say the sink is too busy; other transient statuses do not shrink a limit."""
     server = FakeMcp()
-    server.reply = lambda _: httpx.Response(status, text="no")
+    server.reply = lambda _: reply(status, "no")
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is Kind.TRANSIENT and not outcome.overload
 
@@ -343,57 +375,57 @@ async def test_other_transient_statuses_are_not_overload(status: int) -> None:
 async def test_http_status_of_tool_call(status: int, kind: Kind) -> None:
     """A non-200 answer to tools/call: 5xx/401/403/408/425/429 transient, other 4xx rejected."""
     server = FakeMcp()
-    server.reply = lambda _: httpx.Response(status, text="nope")
+    server.reply = lambda _: reply(status, "nope")
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is kind
     assert f"HTTP {status}" in outcome.detail
 
 
-def raising(exc_type: type[httpx.TransportError]) -> Callable[[httpx.Request], httpx.Response]:
-    """A handler that fails every request with a transport error."""
+def raising(error: TransportError) -> Answering:
+    """A client that fails every request with a transport error."""
 
-    def handler(req: httpx.Request) -> httpx.Response:
-        raise exc_type("simulated", request=req)
+    def fail(_: Sent) -> Reply:
+        raise error
 
-    return handler
+    return Answering(fail)
 
 
-@pytest.mark.parametrize(
-    "exc_type",
-    [
-        httpx.ConnectError,
-        httpx.ConnectTimeout,
-        httpx.ReadTimeout,
-        httpx.ReadError,
-        httpx.RemoteProtocolError,
-        httpx.PoolTimeout,
-    ],
-)
-async def test_transport_errors_are_transient(exc_type: type[httpx.TransportError]) -> None:
+# What `AiohttpClient` raises for refused, timed-out, reset or cut-off connections
+# (tests/integration/test_transport.py checks that it does).
+TRANSPORT_ERRORS = [
+    TransportError("ClientConnectorError: Cannot connect to host sb.test:80"),
+    TransportTimeout("ConnectionTimeoutError"),
+    TransportTimeout("SocketTimeoutError"),
+    TransportError("ClientOSError: [Errno 104] Connection reset by peer"),
+    TransportError("ServerDisconnectedError: Server disconnected"),
+    TransportTimeout("TimeoutError"),
+]
+
+
+@pytest.mark.parametrize("error", TRANSPORT_ERRORS, ids=repr)
+async def test_transport_errors_are_transient(error: TransportError) -> None:
     """Refused, reset or timed-out connections are transient, at session setup or on the call."""
-    on_init = McpSink(
-        httpx.AsyncClient(transport=httpx.MockTransport(raising(exc_type))), URL, SinkSettings()
-    )
-    assert (await on_init.store(request())).kind is Kind.TRANSIENT
+    timeout = isinstance(error, TransportTimeout)
+    on_init = McpSink(raising(error), URL, SinkSettings())
+    outcome = await on_init.store(request())
+    assert outcome.kind is Kind.TRANSIENT and outcome.overload is timeout
 
     server = FakeMcp()
 
     def fail(_: dict[str, Any]) -> Any:
-        raise exc_type("simulated")
+        raise error
 
     server.reply = fail
     outcome = await mcp_sink(server).store(request())
-    assert outcome.kind is Kind.TRANSIENT
+    assert outcome.kind is Kind.TRANSIENT and outcome.overload is timeout
+    assert str(error) in outcome.detail
 
 
 @pytest.mark.parametrize("status", [400, 401, 404, 500, 503])
 async def test_failed_initialize_is_transient(status: int) -> None:
     """A server that refuses to open a session gives a transient outcome, never an exception."""
 
-    def handler(req: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, text="no session for you")
-
-    sink = McpSink(httpx.AsyncClient(transport=httpx.MockTransport(handler)), URL, SinkSettings())
+    sink = McpSink(Answering(lambda _: reply(status, "no session for you")), URL, SinkSettings())
     outcome = await sink.store(request())
     assert outcome.kind is Kind.TRANSIENT
     assert str(status) in outcome.detail
@@ -418,9 +450,25 @@ async def test_answer_without_matching_id_is_transient() -> None:
 async def test_unparseable_200_answer_is_transient(content_type: str, body: str) -> None:
     """A 200 whose body is not JSON-RPC (e.g. a proxy page) is transient, not an exception."""
     server = FakeMcp()
-    server.reply = lambda _: httpx.Response(200, text=body, headers={"content-type": content_type})
+    server.reply = lambda _: reply(200, body, {"content-type": content_type})
     outcome = await mcp_sink(server).store(request())
     assert outcome.kind is Kind.TRANSIENT
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+async def test_sse_lines_end_only_at_cr_or_lf(newline: str) -> None:
+    """SSE lines end at CR, LF or CRLF only: a raw U+2028 or U+0085 in the JSON is no line end."""
+    server = FakeMcp()
+
+    def answer(payload: dict[str, Any]) -> Reply:
+        result = tool_result(f"{OK}\n📝 Content: a\u2028b\x85c")
+        message = {"jsonrpc": "2.0", "id": payload["id"], "result": result}
+        data = json.dumps(message, ensure_ascii=False)  # as orjson and pydantic write it
+        body = newline.join(["event: message", f"data: {data}", "", ""])
+        return reply(200, body, {"content-type": "text/event-stream"})
+
+    server.reply = answer
+    assert await mcp_sink(server).store(request()) == Outcome.stored()
 
 
 @pytest.mark.parametrize(
@@ -540,43 +588,27 @@ async def test_make_client_bearer_token(
     """make_client sends `authorization: Bearer <token>` only when sink.token is set."""
     isolate_settings(monkeypatch, tmp_path)
     settings = Settings(sink={"token": token}, pools={"max_concurrent_memory_insertions": 3})
-    async with make_client(settings) as client:
-        if token is None:
-            assert "authorization" not in client.headers
-        else:
-            assert client.headers["authorization"] == f"Bearer {token}"
-        assert client.timeout.read == settings.sink.timeout_s
-        assert client.timeout.connect == settings.sink.connect_timeout_s
+    client = make_client(settings)
+    if token is None:
+        assert "authorization" not in client.headers
+    else:
+        assert client.headers["authorization"] == f"Bearer {token}"
+    assert client.headers["user-agent"] == "memory-worker"
+    assert client.timeout.total == settings.sink.timeout_s
+    assert client.timeout.connect == settings.sink.connect_timeout_s
+    assert client.pool_size == 3 + 2
 
 
-async def test_bearer_header_reaches_the_server() -> None:
-    """Client default headers (the bearer token) go out on every MCP request."""
-    server = FakeMcp()
-    client = httpx.AsyncClient(
-        transport=httpx.MockTransport(server), headers={"authorization": "Bearer t"}
-    )
-    await McpSink(client, URL, SinkSettings()).store(request())
-    assert all(r.headers["authorization"] == "Bearer t" for r in server.requests)
-
-
-class FakeHttp:
+class FakeHttp(Answering):
     """A plain JSON store answering with a fixed status."""
 
     def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
-        self.status = status
-        self.headers = headers or {}
-        self.requests: list[httpx.Request] = []
-
-    def __call__(self, req: httpx.Request) -> httpx.Response:
-        self.requests.append(req)
-        return httpx.Response(self.status, text="answer", headers=self.headers)
+        super().__init__(lambda _: reply(status, "answer", headers))
 
 
-def http_sink(server: Any) -> HttpSink:
-    """An HttpSink talking to a mock handler."""
-    return HttpSink(
-        httpx.AsyncClient(transport=httpx.MockTransport(server)), "http://m.test/memory"
-    )
+def http_sink(server: Answering) -> HttpSink:
+    """An HttpSink talking to a fake client."""
+    return HttpSink(server, "http://m.test/memory")
 
 
 @pytest.mark.parametrize(
@@ -616,16 +648,18 @@ async def test_http_sink_request_shape() -> None:
     await http_sink(server).store(req)
     (sent,) = server.requests
     assert sent.method == "POST"
+    assert sent.url == "http://m.test/memory"
     assert sent.headers["idempotency-key"] == "key-9"
     assert sent.headers["content-type"] == "application/json"
-    assert json.loads(sent.content) == {"content": "hello", "metadata": META, "tags": ["part:1/2"]}
+    assert sent.json() == {"content": "hello", "metadata": META, "tags": ["part:1/2"]}
 
 
-@pytest.mark.parametrize("exc_type", [httpx.ConnectError, httpx.ReadTimeout, httpx.ReadError])
-async def test_http_sink_transport_errors(exc_type: type[httpx.TransportError]) -> None:
+@pytest.mark.parametrize("error", TRANSPORT_ERRORS, ids=repr)
+async def test_http_sink_transport_errors(error: TransportError) -> None:
     """HttpSink turns transport errors into transient outcomes."""
-    outcome = await http_sink(raising(exc_type)).store(request())
+    outcome = await http_sink(raising(error)).store(request())
     assert outcome.kind is Kind.TRANSIENT
+    assert outcome.overload is isinstance(error, TransportTimeout)
 
 
 async def test_http_sink_posts_integers_wider_than_64_bits() -> None:
@@ -636,4 +670,4 @@ async def test_http_sink_posts_integers_wider_than_64_bits() -> None:
     server = FakeHttp(201)
     outcome = await http_sink(server).store(StoreRequest("hello", metadata, "key-1"))
     assert outcome.kind is Kind.STORED
-    assert json.loads(server.requests[0].content)["metadata"]["trace"] == int("9" * 25)
+    assert server.requests[0].json()["metadata"]["trace"] == int("9" * 25)
