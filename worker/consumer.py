@@ -196,6 +196,7 @@ class Consumer:
         prefetch: int,
         worker_id: str,
         redeclare: bool = True,
+        on_resubscribe: Callable[[], None] | None = None,
     ) -> None:
         self._connection = connection
         self._topology = topology
@@ -203,6 +204,7 @@ class Consumer:
         self._prefetch = prefetch
         self._worker_id = worker_id
         self._redeclare = redeclare
+        self._on_resubscribe = on_resubscribe
         self._recovery: asyncio.Task[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -227,7 +229,7 @@ class Consumer:
         self._queue = await channel.declare_queue(self._topology.queue, passive=True)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            await self._dispatcher.submit(AmqpDelivery(message, outbox))
+            self._dispatcher.submit(AmqpDelivery(message, outbox))
 
         self._on_message = on_message
         await self._watch_cancel(channel)
@@ -311,6 +313,7 @@ class Consumer:
             # may never be retried.
             self._tag = None
             await self._open(self._consuming_prefetch)
+            self._resubscribed()
             return True
 
     @property
@@ -353,6 +356,11 @@ class Consumer:
                 log.warning("consumer_resume_failed", error=repr(exc))
                 return
             self._consuming_prefetch = prefetch
+            self._resubscribed()
+
+    def _resubscribed(self) -> None:
+        if self._on_resubscribe is not None:
+            self._on_resubscribe()
 
     async def cancel(self) -> None:
         """Stop new deliveries for good; what was delivered stays ours to settle."""

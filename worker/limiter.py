@@ -1,70 +1,93 @@
-"""Adaptive concurrency: a latency-gradient limit within [1, `max_concurrent_memory_insertions`].
+"""Adaptive concurrency: start at the maximum, come down only while the sink queues our calls.
 
-The limit moves once per window of completed stores (at least `window`, and at least one per
-slot, so a window is about one round trip of every slot):
+The limit lives in [1, `max_concurrent_memory_insertions`] and starts at the maximum, so a
+healthy sink is used fully from the first round trip: a restart or a new replica has nothing
+to learn first. It moves once per window of completed stores: at least `window`, and at least
+one per slot, so a window is about one round trip of every slot. A window whose mean is
+already `early_above` times the unloaded latency closes after `window` stores: a sink that
+serves one call at a time is left within a few hundred milliseconds.
 
-- the window's mean latency is compared with the *unloaded* latency: the lowest window mean
-  since the limit was last 1. A window at limit 1 sets it afresh (nothing of ours was queued
-  ahead), and it is never forgotten otherwise: a baseline that expired under sustained load
-  would be relearned from loaded latency, and the limit would creep up with the queue;
-- below `grow_below` times the unloaded latency, with every slot busy, the limit doubles while
-  it is still starting and grows by a quarter (at least one) after, so capacity that comes
-  back is found again within a few windows; above `shrink_above` it shrinks in proportion (at
-  most by half); in between it holds;
-- a window where at least `overload_share` of stores were overload signals (429, 503, a
-  timeout) halves the limit whatever the latency;
-- a limit that latency pushed back from is a ceiling: the limit grows to it again only when
-  latency is flat (below `flat_below` times unloaded: the capacity is back) or after
-  `patience` good windows in a row. Without it a sink whose latency at the best limit sits
-  just under `grow_below` would be probed one step higher every few windows, and those
-  windows set the p95.
+A window is judged by its typical latency, the 75th percentile, against the unloaded latency.
+Three things raise latency, and only the last is the sink queueing behind us:
 
-A sink that handles one call at a time thus settles near a limit of two (one call running,
-one waiting), latency close to unloaded and no throughput lost; a sink with room for every
-slot sees flat latency and the limit reaches the maximum.
+- **Spread.** A sink whose service time varies has slow calls at any concurrency. A
+  percentile, unlike the mean or the fastest call, barely moves with spread, so a healthy sink
+  with log-normal latency is not read as a queue. The unloaded latency is the first window's
+  typical latency, then the lowest one seen; a window whose stores all ran alone sets it
+  afresh. It never expires otherwise: a baseline relearned under load would let the limit
+  creep up with the queue.
+- **Our own CPU.** When this process was busy for `cpu_busy` of a window's wall time, stores
+  wait in our event loop, not in the sink, and fewer in flight would not make any faster:
+  throughput is capped by our CPU. Such a window moves the limit only up, toward the maximum.
+- **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
+  in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Only the
+  head of a burst is served unqueued, so a first window that closes early takes its fastest
+  call as the unloaded latency. Above `shrink_above` times unloaded the limit shrinks in
+  proportion (at most halving); a window with `overload_share` of 429/503/timeouts halves it.
+
+Growth: below `flat_below` times unloaded with every slot busy the limit doubles (capacity is
+back); below `grow_below` it grows by a quarter; in between it holds. A limit that latency
+pushed it back from is a ceiling: the limit grows by quarters near it, and passes it only on
+flat latency or after `patience` good windows in a row, so a sink whose best limit sits just
+under the bound is not probed one step higher every few windows (those windows set the p95).
+
+A sink that serves one call at a time thus settles near two (one call running, one waiting);
+a sink with room for every slot, or a worker held back by its own CPU, stays at the maximum.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 
 
 class AdaptiveLimit:
-    """How many stores may run at once, moved by observed latency and overload."""
+    """How many stores may run at once, moved by observed latency, overload and our own CPU."""
 
     def __init__(
         self,
         maximum: int,
         *,
         enabled: bool = True,
-        initial: int = 1,
-        window: int = 20,
+        window: int = 16,
         grow_below: float = 1.7,
         shrink_above: float = 2.0,
-        overload_share: float = 0.1,
         flat_below: float = 1.2,
+        early_above: float = 4.0,
+        overload_share: float = 0.1,
         patience: int = 40,
+        cpu_busy: float = 0.5,
+        clock: Callable[[], float] = time.monotonic,
+        cpu_clock: Callable[[], float] = time.process_time,
         on_change: Callable[[int, str], None] | None = None,
     ) -> None:
         self.maximum = maximum
         self.enabled = enabled
-        self.limit = max(1, min(initial, maximum)) if enabled else maximum
+        self.limit = maximum
         self.unloaded_s: float | None = None
         self._window = window
         self._grow_below = grow_below
         self._shrink_above = shrink_above
-        self._overload_share = overload_share
-        self._on_change = on_change
         self._flat_below = flat_below
+        self._early_above = early_above
+        self._overload_share = overload_share
         self._patience = patience
+        self._cpu_busy = cpu_busy
+        self._clock = clock
+        self._cpu_clock = cpu_clock
+        self._on_change = on_change
         self._ceiling: int | None = None
         self._good_windows = 0
-        self._starting = True
+        self._started_s = self._cpu_started_s = 0.0
         self._reset_window()
 
+    def __repr__(self) -> str:
+        unloaded = f"{self.unloaded_s * 1000:.1f} ms" if self.unloaded_s else "unknown"
+        return f"<AdaptiveLimit {self.limit}/{self.maximum} unloaded={unloaded}>"
+
     def _reset_window(self) -> None:
-        self._count = 0
+        self._latencies: list[float] = []
         self._total_s = 0.0
         self._overloads = 0
         self._busiest = 0
@@ -74,22 +97,44 @@ class AdaptiveLimit:
         """Record one finished store: its latency, whether it signalled overload, how many ran."""
         if not self.enabled:
             return
-        self._count += 1
+        latencies = self._latencies
+        if not latencies:
+            # The window's clocks start at its first store, so idle time before it is not in it.
+            self._started_s, self._cpu_started_s = self._clock(), self._cpu_clock()
+        latencies.append(latency_s)
         self._total_s += latency_s
         self._overloads += overload
         self._busiest = max(self._busiest, in_flight)
-        if self._count >= max(self._window, self._window_limit):
-            self._close_window()
+        count = len(latencies)
+        if count < self._window:
+            return
+        # The running mean is cheap enough to test on every store; the percentile only at the end.
+        baseline_s = self.unloaded_s if self.unloaded_s is not None else min(latencies)
+        early = self._total_s >= self._early_above * baseline_s * count
+        if early or count >= self._window_limit:
+            self._close_window(early)
 
-    def _close_window(self) -> None:
-        mean_s = self._total_s / self._count
-        overloaded = self._overloads >= self._overload_share * self._count
+    def _close_window(self, early: bool) -> None:
+        latencies = sorted(self._latencies)
+        count = len(latencies)
+        typical_s = latencies[count * 3 // 4]
+        wall_s = self._clock() - self._started_s
+        ours = wall_s > 0 and self._cpu_clock() - self._cpu_started_s >= self._cpu_busy * wall_s
+        overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
-        if self._window_limit == 1 or self.unloaded_s is None:
-            self.unloaded_s = mean_s
+        if self.unloaded_s is None:
+            # The head of a burst that queued: its fastest call had nothing of ours ahead. Not
+            # so when our own loop was the queue: then the fastest call says nothing.
+            self.unloaded_s = latencies[0] if early and not ours else typical_s
+        elif self._busiest == 1:
+            self.unloaded_s = typical_s  # every store in the window ran alone
         else:
-            self.unloaded_s = min(self.unloaded_s, mean_s)
-        ratio = mean_s / self.unloaded_s if self.unloaded_s > 0 else 1.0
+            self.unloaded_s = min(self.unloaded_s, typical_s)
+        if ours and not overloaded:
+            # Our event loop was the queue: the latency says nothing about the sink.
+            self._decide(min(self.maximum, self.limit * 2), "own_cpu")
+            return
+        ratio = typical_s / self.unloaded_s if self.unloaded_s > 0 else 1.0
         limit = self.limit
         good = ratio < self._grow_below and saturated and not overloaded
         self._good_windows = self._good_windows + 1 if good else 0
@@ -99,21 +144,25 @@ class AdaptiveLimit:
             self._ceiling = limit  # latency was too high here: come back only with evidence
             limit, why = math.floor(limit * max(0.5, self._shrink_above / ratio)), "latency"
         elif good:
-            limit, why = (limit * 2 if self._starting else limit + max(1, limit // 4)), "headroom"
-            if self._ceiling is not None and limit >= self._ceiling:
-                if ratio < self._flat_below or self._good_windows >= self._patience:
-                    self._ceiling = None
-                else:
-                    limit = max(self.limit, self._ceiling - 1)
+            flat = ratio < self._flat_below
+            ceiling = self._ceiling
+            if ceiling is not None and (
+                (flat and limit > ceiling) or self._good_windows >= self._patience
+            ):
+                ceiling = self._ceiling = None  # flat above it, or long good: capacity is back
+            # Doubling only with no ceiling: just under one, flat says little about twice as many.
+            grown = limit * 2 if flat and ceiling is None else limit + max(1, limit // 4)
+            if ceiling is not None and grown >= ceiling and not flat:
+                grown = max(limit, ceiling - 1)
+            limit, why = grown, "headroom"
         else:
             why = "steady"
-        if why in ("overload", "latency") or ratio >= self._grow_below:
-            self._starting = False
-        self._set(max(1, min(limit, self.maximum)), why)
-        self._reset_window()
+        self._decide(limit, why)
 
-    def _set(self, limit: int, why: str) -> None:
+    def _decide(self, limit: int, why: str) -> None:
+        limit = max(1, min(limit, self.maximum))
         if limit != self.limit:
             self.limit = limit
             if self._on_change is not None:
                 self._on_change(limit, why)
+        self._reset_window()

@@ -62,6 +62,11 @@ class Metrics:
             ["state"],
             registry=self.registry,
         )
+        self.resubscriptions = Counter(
+            "memory_worker_consumer_resubscriptions",
+            "Times the consumer subscribed again (breaker resume or probe, broker cancel).",
+            registry=self.registry,
+        )
         self.ledger_duplicates = Counter(
             "memory_worker_ledger_duplicates",
             "Deliveries acked without a store because the shared ledger says stored.",

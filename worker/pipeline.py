@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -321,77 +321,55 @@ class Pipeline:
         return verdict
 
 
-class Slots:
-    """A FIFO semaphore whose size can change while slots are taken."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.taken = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
-
-    async def acquire(self) -> None:
-        """Take a slot, waiting in line while all are taken."""
-        if self.taken < self.limit and not self._waiters:
-            self.taken += 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()  # granted just as we were cancelled: pass it on
-            else:
-                self._waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        """Give a slot back."""
-        self.taken -= 1
-        self._wake()
-
-    def resize(self, limit: int) -> None:
-        """Change the size; slots taken beyond a smaller size are not reissued, not taken back."""
-        self.limit = limit
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.taken < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.taken += 1
-                waiter.set_result(None)
-
-
 class Dispatcher:
-    """Runs `Pipeline.handle` for each delivery, never more than the current limit at once."""
+    """Runs `Pipeline.handle` for each delivery, never more than the current limit at once.
+
+    A delivery gets its task only once a slot is free (the slot before the task, as in arq);
+    until then it waits in line, first come first served. Every task is kept in a set and
+    reaped, so none is lost, and `drain` finishes or requeues each one within a grace period.
+    """
 
     def __init__(self, pipeline: Pipeline, limit: int) -> None:
         self._pipeline = pipeline
-        self._slots = Slots(limit)
+        self.limit = limit
+        self._running = 0
+        self._waiting: deque[Delivery] = deque()
         self._tasks: set[asyncio.Task[Verdict]] = set()
         self._closing = False
+
+    def __repr__(self) -> str:
+        return (
+            f"<Dispatcher running={self._running} limit={self.limit} "
+            f"waiting={len(self._waiting)} closing={self._closing}>"
+        )
 
     @property
     def in_flight(self) -> int:
         """Deliveries being handled now."""
-        return len(self._tasks)
+        return self._running
 
     def resize(self, limit: int) -> None:
-        """Let `limit` deliveries run at once from now on."""
-        self._slots.resize(limit)
+        """Let `limit` deliveries run at once from now on; running ones are not taken back."""
+        self.limit = limit
+        self._start_waiting()
 
-    async def submit(self, delivery: Delivery) -> None:
+    def submit(self, delivery: Delivery) -> None:
         """Start handling a delivery once a slot is free; requeue it if we are draining."""
-        if not self._closing:
-            await self._slots.acquire()
-            if not self._closing:
-                task = asyncio.create_task(self._run(delivery))
-                self._tasks.add(task)
-                task.add_done_callback(self._reap)
-                return
-            self._slots.release()
-        await self._pipeline.requeue(delivery)
+        if self._closing:
+            self._spawn(self._pipeline.requeue(delivery))
+            return
+        self._waiting.append(delivery)
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        while self._waiting and self._running < self.limit and not self._closing:
+            self._running += 1
+            self._spawn(self._run(self._waiting.popleft()))
+
+    def _spawn(self, work: Coroutine[Any, Any, Verdict]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._reap)
 
     def _reap(self, task: asyncio.Task[Verdict]) -> None:
         self._tasks.discard(task)
@@ -403,16 +381,23 @@ class Dispatcher:
         try:
             return await self._pipeline.handle(delivery)
         finally:
-            self._slots.release()
+            self._running -= 1
+            self._start_waiting()
 
     async def drain(self, grace_s: float) -> int:
-        """Stop taking work, let in-flight inserts finish within `grace_s`, requeue the rest."""
+        """Stop taking work, let in-flight inserts finish within `grace_s`, requeue the rest.
+
+        Returns how many running inserts were cancelled; deliveries still waiting for a slot
+        are requeued without being started.
+        """
         self._closing = True
+        while self._waiting:
+            self._spawn(self._pipeline.requeue(self._waiting.popleft()))
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=grace_s)
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        # Requeues of deliveries that arrived meanwhile are awaited too.
+        await asyncio.gather(*pending, *self._tasks, return_exceptions=True)
         return len(pending)

@@ -36,7 +36,6 @@ from worker.topology import Topology, check_consumer_timeout, check_queue_polici
 from worker.transport import HttpClient, TransportError, make_client
 
 log = structlog.get_logger("worker.service")
-PREFETCH_EVERY_S = 0.25
 RESUBSCRIBE_EVERY_S = 1.0
 
 
@@ -168,9 +167,10 @@ class Service:
             connection,
             self.topology,
             self._dispatcher,
-            self.limit.limit,
+            s.prefetch,
             s.worker.id,
             redeclare=s.rabbitmq.declare,
+            on_resubscribe=self.metrics.resubscriptions.inc,
         )
         self._stack.push_async_callback(self._consumer.close)
         await self._consumer.start()
@@ -180,7 +180,7 @@ class Service:
             "worker_started",
             queue=s.rabbitmq.queue,
             concurrency=s.concurrency,
-            prefetch=self.limit.limit,
+            prefetch=s.prefetch,
             adaptive=s.pools.adaptive_concurrency,
             sink=str(s.pools.session_buddy_url),
             ops_port=self.ops_port,
@@ -192,7 +192,6 @@ class Service:
             self._dispatcher.resize(limit)
         unloaded_ms = round((self.limit.unloaded_s or 0.0) * 1000, 1)
         log.debug("concurrency_limit_changed", limit=limit, why=why, unloaded_ms=unloaded_ms)
-        self._steer_wakeup.set()
 
     def _breaker_changed(self, state: State, detail: str) -> None:
         self._steer_wakeup.set()
@@ -207,18 +206,15 @@ class Service:
             log.info("breaker_closed", last_failure=detail)
 
     async def _steer(self, consumer: Consumer) -> None:
-        """Make the consumer's prefetch follow the breaker and the concurrency limit.
+        """Make the consumer follow the breaker: paused while open, prefetch 1 while probing.
 
-        Open: paused, so the broker keeps what has not been delivered. Half-open: prefetch 1,
-        so only the probe is delivered. Closed: prefetch = the limit, so messages this worker
-        cannot start stay in the queue for other workers. A limit change re-subscribes the
-        consumer, so it is applied at most once per `PREFETCH_EVERY_S`.
+        Closed: prefetch = `max_concurrent_memory_insertions`, whatever the adaptive limit is.
+        A lower limit is enforced by the dispatcher's slots; following it with prefetch would
+        re-subscribe the consumer on every change (a `basic.qos` applies to consumers started
+        after it), and each re-subscription costs a round trip and can cause redeliveries.
         """
         breaker = self.breaker
         wakeup = self._steer_wakeup
-        loop = asyncio.get_running_loop()
-        applied_at = -PREFETCH_EVERY_S
-        probing = False
         while True:
             wakeup.clear()  # before looking, so no change is missed
             state = breaker.state
@@ -226,19 +222,10 @@ class Service:
             if state is State.OPEN:
                 await consumer.pause()
                 timeout_s = breaker.open_remaining_s
-            elif state is State.HALF_OPEN:
-                await consumer.resume(1)
-                probing = True
             else:
-                want = self.limit.limit
-                due_s = applied_at + PREFETCH_EVERY_S - loop.time()
-                if probing or not consumer.consuming or (consumer.prefetch != want and due_s <= 0):
-                    await consumer.resume(want)
-                    applied_at, probing = loop.time(), False
-                elif consumer.prefetch != want:
-                    timeout_s = due_s
-            if state is not State.OPEN and not consumer.consuming and not consumer.stopped:
-                timeout_s = RESUBSCRIBE_EVERY_S  # the subscribe failed: never sit idle, try again
+                await consumer.resume(1 if state is State.HALF_OPEN else self.settings.prefetch)
+                if not consumer.consuming and not consumer.stopped:
+                    timeout_s = RESUBSCRIBE_EVERY_S  # the subscribe failed: never sit idle
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout_s)
 

@@ -156,7 +156,7 @@ async def test_cancelled_store_releases_the_claim() -> None:
     sink.gate = asyncio.Event()
     dispatcher = Dispatcher(make_pipeline(sink, ledger), limit=1)
     stuck = delivery()
-    await dispatcher.submit(stuck)
+    dispatcher.submit(stuck)
     await until(lambda: sink.active == 1)
     assert await dispatcher.drain(grace_s=0) == 1
     assert stuck.verdict.decision.action is Action.REQUEUE

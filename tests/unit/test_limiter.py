@@ -2,152 +2,240 @@
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from worker.limiter import AdaptiveLimit
 
 UNLOADED_S = 0.05
 
 
-def run(limit: AdaptiveLimit, latency_s: Callable[[int], float], stores: int) -> list[int]:
-    """Feed `stores` completions, every slot busy; return the limit after each one."""
-    seen = []
-    for _ in range(stores):
-        limit.observe(latency_s(limit.limit), overload=False, in_flight=limit.limit)
-        seen.append(limit.limit)
-    return seen
+@dataclass
+class Clocks:
+    """A simulated wall clock and process-CPU clock for the limiter."""
+
+    now: float = 0.0
+    cpu: float = 0.0
+
+    def limit(self, maximum: int, **kwargs: object) -> AdaptiveLimit:
+        """An AdaptiveLimit reading these clocks."""
+        return AdaptiveLimit(maximum, clock=lambda: self.now, cpu_clock=lambda: self.cpu, **kwargs)  # type: ignore[arg-type]
 
 
-def serial(service_s: float) -> Callable[[int], float]:
-    """A sink that handles one call at a time: each call waits behind the others in flight."""
-    return lambda in_flight: in_flight * service_s
+@dataclass
+class Sim:
+    """A sink with `capacity` servers (None: unbounded) serving calls first come, first served.
+
+    Stores start whenever fewer than the limit are running, as the dispatcher's slots do;
+    each completion costs the worker `cpu_per_store_s` of CPU.
+    """
+
+    service_s: Callable[[], float]
+    capacity: int | None = None
+    cpu_per_store_s: float = 0.0001
+    clocks: Clocks = field(default_factory=Clocks)
+    servers: list[float] = field(default_factory=list)
+    running: list[tuple[float, float]] = field(default_factory=list)  # (end, start)
+    log: list[tuple[float, int, float]] = field(default_factory=list)  # (t, limit, latency)
+
+    def set_capacity(self, capacity: int | None) -> None:
+        """Change how many calls the sink serves at once."""
+        self.capacity = capacity
+        if capacity is not None:
+            self.servers = sorted(self.servers)[:capacity]
+            self.servers += [self.clocks.now] * (capacity - len(self.servers))
+            heapq.heapify(self.servers)
+
+    def run(self, limit: AdaptiveLimit, until_s: float) -> None:
+        """Run stores until the simulated time passes `until_s`."""
+        if self.capacity is not None and not self.servers:
+            self.set_capacity(self.capacity)
+        while self.clocks.now < until_s:
+            while len(self.running) < limit.limit:
+                now = self.clocks.now
+                begin = now
+                if self.capacity is not None:
+                    begin = max(now, heapq.heappop(self.servers))
+                end = begin + self.service_s()
+                if self.capacity is not None:
+                    heapq.heappush(self.servers, end)
+                heapq.heappush(self.running, (end, now))
+            end, start = heapq.heappop(self.running)
+            self.clocks.now = max(self.clocks.now, end)
+            self.clocks.cpu += self.cpu_per_store_s
+            limit.observe(end - start, overload=False, in_flight=len(self.running) + 1)
+            self.log.append((self.clocks.now, limit.limit, end - start))
+
+    def limits(self, after_s: float = 0.0) -> list[int]:
+        """The limit after each completion past `after_s`."""
+        return [n for t, n, _ in self.log if t >= after_s]
+
+    def latencies(self, after_s: float = 0.0) -> list[float]:
+        """Latencies of the stores completed past `after_s`."""
+        return [lat for t, _, lat in self.log if t >= after_s]
 
 
-def test_healthy_sink_reaches_the_maximum() -> None:
-    """Flat latency with every slot busy: the limit doubles from 1 up to the maximum."""
-    limit = AdaptiveLimit(50)
-    seen = run(limit, lambda _: UNLOADED_S, 400)
-    assert seen[0] == 1 and limit.limit == 50
-    assert sorted(set(seen)) == [1, 2, 4, 8, 16, 32, 50]
+def p95(values: list[float]) -> float:
+    """The 95th percentile."""
+    ordered = sorted(values)
+    return ordered[int(len(ordered) * 0.95)]
 
 
-def test_noisy_healthy_sink_reaches_and_keeps_the_maximum() -> None:
-    """Log-normal latency (sigma 0.5) without queueing: noise alone does not hold the limit down."""
-    rng = random.Random(7)
-    limit = AdaptiveLimit(50)
-    seen = run(limit, lambda _: rng.lognormvariate(-3.0, 0.5), 20_000)
-    assert max(seen) == 50
-    assert min(seen[5_000:]) >= 40
+def lognormal(median_s: float, sigma: float, seed: int = 7) -> Callable[[], float]:
+    """Service times of a healthy sink with spread."""
+    rng = random.Random(seed)
+    return lambda: rng.lognormvariate(0, sigma) * median_s
 
 
-def test_one_call_at_a_time_sink_settles_near_two() -> None:
-    """A serial sink: latency grows with the limit, so the limit stays at 1-2, never climbs."""
-    limit = AdaptiveLimit(50)
-    seen = run(limit, serial(0.022), 5_000)
-    assert max(seen) <= 4
-    assert set(seen[1_000:]) <= {1, 2}
-    assert limit.unloaded_s is not None and abs(limit.unloaded_s - 0.022) < 1e-9
+def test_healthy_sink_is_used_fully_from_the_first_store() -> None:
+    """50 ms log-normal (sigma 0.2): the limit starts at the maximum and never leaves it."""
+    for maximum in (1, 5, 10, 20, 50):
+        clocks = Clocks()
+        limit = clocks.limit(maximum)
+        sim = Sim(lognormal(UNLOADED_S, 0.2), clocks=clocks)
+        sim.run(limit, 20.0)
+        assert set(sim.limits()) == {maximum}, maximum
 
 
-def test_capacity_drop_is_followed_within_a_few_windows() -> None:
-    """At 50 the capacity drops to 5: the limit falls to at most 2 x 5 and latency stays bounded."""
-    capacity = 50
+def test_wide_spread_is_not_read_as_queueing() -> None:
+    """sigma 0.5: the mean is far above the fastest calls, yet the limit stays near the maximum."""
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    sim = Sim(lognormal(UNLOADED_S, 0.5), clocks=clocks)
+    sim.run(limit, 30.0)
+    limits = sim.limits()
+    assert sum(limits) / len(limits) >= 45
 
-    def latency_s(in_flight: int) -> float:
-        return UNLOADED_S * max(1.0, in_flight / capacity)
 
-    limit = AdaptiveLimit(50)
-    run(limit, latency_s, 400)
+def test_serial_sink_is_left_within_two_seconds() -> None:
+    """One call at a time (22 ms): from 50 the limit is at 1-2 within 2 s, p95 then <= 2.2x."""
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    sim = Sim(lambda: 0.022, capacity=1, clocks=clocks)
+    sim.run(limit, 30.0)
+    assert max(sim.limits(after_s=2.0)) <= 3
+    assert p95(sim.latencies(after_s=3.0)) <= 2.2 * 0.022
+    assert limit.unloaded_s is not None and abs(limit.unloaded_s - 0.022) < 0.005
+
+
+def test_own_cpu_limit_is_not_read_as_queueing() -> None:
+    """0 ms sink, the worker's loop busy all the time: latency grows with in-flight, limit stays."""
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    cost_s = 0.0004
+    sim = Sim(lambda: 0.0, cpu_per_store_s=cost_s, clocks=clocks)
+    # Our loop is the only queue: each store waits for everything in flight to be handled.
+    sim.service_s = lambda: len(sim.running) * cost_s
+    sim.run(limit, 10.0)
+    assert set(sim.limits()) == {50}
+
+
+def test_capacity_drop_is_followed_and_recovered() -> None:
+    """Capacity 50 -> 5: below 10 within 1.5 s, p95 bounded; back to 50: the maximum within 2 s."""
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    sim = Sim(lambda: UNLOADED_S, capacity=50, clocks=clocks)
+    sim.run(limit, 5.0)
     assert limit.limit == 50
-    capacity = 5
-    seen = run(limit, latency_s, 300)  # 300 stores at 100/s is 3 s of the smaller sink
-    assert 5 <= limit.limit <= 10
-    assert max(seen[150:]) <= 10
-    assert latency_s(limit.limit) <= 2 * UNLOADED_S
+    sim.set_capacity(5)
+    sim.run(limit, 10.0)
+    dropped = [t for t, n, _ in sim.log if t >= 5.0 and n < 10]
+    assert dropped and dropped[0] - 5.0 <= 1.5
+    assert max(sim.limits(after_s=7.0)) <= 10
+    assert p95(sim.latencies(after_s=7.0)) <= 2.05 * UNLOADED_S
+    sim.set_capacity(50)
+    sim.run(limit, 15.0)
+    back = [t for t, n, _ in sim.log if t >= 10.0 and n == 50]
+    assert back and back[0] - 10.0 <= 2.0
 
 
-def test_capacity_back_is_found_again() -> None:
-    """After a drop the limit climbs back by quarters within a few windows once latency is flat."""
-    capacity = 5
+def test_slower_sink_for_everyone_is_relearned_at_limit_one() -> None:
+    """When the sink gets slower for all, the limit drops to 1, relearns, and grows again."""
+    slow = [1.0]
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    sim = Sim(lambda: UNLOADED_S * slow[0], clocks=clocks)
+    sim.run(limit, 5.0)
+    slow[0] = 5.0
+    sim.run(limit, 60.0)
+    assert min(sim.limits(after_s=5.0)) == 1
+    assert limit.limit == 50
+    assert limit.unloaded_s is not None and abs(limit.unloaded_s - 5 * UNLOADED_S) < 1e-9
 
-    def latency_s(in_flight: int) -> float:
-        return UNLOADED_S * max(1.0, in_flight / capacity)
 
-    limit = AdaptiveLimit(50)
-    run(limit, latency_s, 400)
-    assert limit.limit <= 10
-    capacity = 50
-    seen = run(limit, latency_s, 600)  # 600 stores: about 1 s of the healthy sink at 50
-    assert seen[-1] == 50
+def feed(limit: AdaptiveLimit, clocks: Clocks, latency_s: float, n: int, **kw: object) -> None:
+    """Feed `n` completions of `latency_s`, every slot busy, 10 % of wall time on our CPU."""
+    overload = kw.get("overload", lambda i: False)
+    for i in range(n):
+        clocks.now += latency_s / limit.limit
+        clocks.cpu += 0.1 * latency_s / limit.limit
+        limit.observe(latency_s, overload=overload(i), in_flight=limit.limit)  # type: ignore[operator]
 
 
 def test_overload_signals_halve_the_limit() -> None:
     """A window in which a tenth of the stores were 429/503/timeouts halves the limit."""
-    limit = AdaptiveLimit(50)
-    run(limit, lambda _: UNLOADED_S, 400)
-    for n in range(50):
-        limit.observe(UNLOADED_S, overload=n % 5 == 0, in_flight=50)
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    feed(limit, clocks, UNLOADED_S, 400)
+    feed(limit, clocks, UNLOADED_S, 50, overload=lambda i: i % 5 == 0)
     assert limit.limit == 25
 
 
 def test_a_rare_overload_signal_does_not_shrink_it() -> None:
     """One 503 in a window of 50 is noise, not overload."""
-    limit = AdaptiveLimit(50)
-    run(limit, lambda _: UNLOADED_S, 400)
-    for n in range(50):
-        limit.observe(UNLOADED_S, overload=n == 0, in_flight=50)
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    feed(limit, clocks, UNLOADED_S, 400)
+    feed(limit, clocks, UNLOADED_S, 50, overload=lambda i: i == 0)
     assert limit.limit == 50
 
 
 def test_no_growth_without_demand() -> None:
     """With fewer stores running than the limit allows there is no evidence for more."""
-    limit = AdaptiveLimit(50, initial=4)
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    feed(limit, clocks, UNLOADED_S, 50)
+    feed(limit, clocks, 10 * UNLOADED_S, 64)  # the sink slowed down: the limit came down
+    low = limit.limit
+    assert low < 50
     for _ in range(500):
-        limit.observe(UNLOADED_S, overload=False, in_flight=2)
-    assert limit.limit == 4
-
-
-def test_slower_sink_for_everyone_is_relearned_at_limit_one() -> None:
-    """When the sink gets slower for all, the limit drops to 1, relearns, and grows again."""
-    slow = 1.0
-
-    def latency_s(_: int) -> float:
-        return UNLOADED_S * slow
-
-    limit = AdaptiveLimit(50)
-    run(limit, latency_s, 400)
-    slow = 5.0
-    seen = run(limit, latency_s, 3_000)
-    assert min(seen) == 1
-    assert limit.limit == 50
-    assert limit.unloaded_s is not None and abs(limit.unloaded_s - 5 * UNLOADED_S) < 1e-9
+        clocks.now += 0.01
+        limit.observe(UNLOADED_S, overload=False, in_flight=1)
+    assert limit.limit == low or low == 1
 
 
 def test_disabled_limit_stays_at_the_maximum() -> None:
     """With adaptation off the limit is the maximum and observations change nothing."""
     changes: list[tuple[int, str]] = []
-    limit = AdaptiveLimit(20, enabled=False, on_change=lambda n, why: changes.append((n, why)))
-    run(limit, serial(0.5), 1_000)
+    clocks = Clocks()
+    limit = clocks.limit(20, enabled=False, on_change=lambda n, why: changes.append((n, why)))
+    sim = Sim(lambda: 0.022, capacity=1, clocks=clocks)
+    sim.run(limit, 10.0)
     assert limit.limit == 20 and changes == []
 
 
 def test_every_change_is_reported_with_its_cause() -> None:
     """on_change hears each new limit once, with why it moved."""
     changes: list[tuple[int, str]] = []
-    limit = AdaptiveLimit(8, on_change=lambda n, why: changes.append((n, why)))
-    run(limit, lambda _: UNLOADED_S, 100)
-    for _ in range(20):
-        limit.observe(UNLOADED_S, overload=True, in_flight=8)
-    assert changes == [(2, "headroom"), (4, "headroom"), (8, "headroom"), (4, "overload")]
+    clocks = Clocks()
+    limit = clocks.limit(8, on_change=lambda n, why: changes.append((n, why)))
+    feed(limit, clocks, UNLOADED_S, 32)
+    feed(limit, clocks, UNLOADED_S, 16, overload=lambda i: True)
+    feed(limit, clocks, UNLOADED_S, 16)
+    assert changes == [(4, "overload"), (8, "headroom")]
 
 
 def test_limit_stays_within_bounds() -> None:
     """Whatever the sink does, the limit stays within [1, maximum]."""
     rng = random.Random(3)
-    limit = AdaptiveLimit(10)
+    clocks = Clocks()
+    limit = clocks.limit(10)
     for _ in range(20_000):
         n = limit.limit
+        clocks.now += rng.expovariate(100.0)
+        clocks.cpu += rng.expovariate(200.0)
         limit.observe(rng.expovariate(1.0) * n, overload=rng.random() < 0.2, in_flight=n)
         assert 1 <= limit.limit <= 10
 
@@ -156,8 +244,12 @@ def test_a_limit_latency_pushed_back_from_is_rarely_probed_again() -> None:
     """A sink whose latency at 2 is just under the growth bound (1.6x unloaded) and at 3 over
     the shrink bound: the limit stays at 2 instead of stepping to 3 every few windows."""
     rng = random.Random(11)
-    limit = AdaptiveLimit(50)
-    seen = run(limit, lambda n: 0.03 * (1 + 0.6 * (n - 1)) * rng.lognormvariate(0, 0.2), 6_000)
-    late = seen[1_000:]
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    sim = Sim(lambda: 0.0, clocks=clocks)
+    # Each call is slower by 0.6x for every call of ours already running when it starts.
+    sim.service_s = lambda: 0.03 * (1 + 0.6 * len(sim.running)) * rng.lognormvariate(0, 0.2)
+    sim.run(limit, 200.0)
+    late = sim.limits(after_s=20.0)
     assert sum(n >= 3 for n in late) / len(late) < 0.02
     assert late.count(2) / len(late) > 0.9

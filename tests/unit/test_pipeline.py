@@ -47,7 +47,9 @@ def delivery(content: str = "the build passed", **kwargs: Any) -> FakeDelivery:
 async def run_all(dispatcher: Dispatcher, deliveries: list[FakeDelivery]) -> None:
     """Submit every delivery, then wait for all of them to be settled."""
     for d in deliveries:
-        await dispatcher.submit(d)
+        dispatcher.submit(d)
+    settled = asyncio.gather(*(d.settled_event.wait() for d in deliveries))
+    await asyncio.wait_for(settled, 60.0)
     assert await dispatcher.drain(grace_s=60.0) == 0
 
 
@@ -100,9 +102,9 @@ async def test_slow_item_does_not_hold_back_others() -> None:
     dispatcher = Dispatcher(make_pipeline(sink), limit=4)
     slow = delivery("slow")
     fast = [delivery(f"fast {i}") for i in range(12)]
-    await dispatcher.submit(slow)
+    dispatcher.submit(slow)
     for d in fast:
-        await dispatcher.submit(d)
+        dispatcher.submit(d)
     await until(lambda: all(d.verdicts for d in fast))
     assert slow.verdicts == []
     assert sink.active == 1
@@ -292,7 +294,7 @@ async def test_drain_lets_in_flight_finish_within_grace() -> None:
     dispatcher = Dispatcher(make_pipeline(sink), limit=5)
     deliveries = [delivery(f"item {i}") for i in range(3)]
     for d in deliveries:
-        await dispatcher.submit(d)
+        dispatcher.submit(d)
     await until(lambda: sink.active == 3)
     drain = asyncio.create_task(dispatcher.drain(grace_s=60.0))
     await asyncio.sleep(0)
@@ -311,7 +313,7 @@ async def test_drain_cancels_and_requeues_the_rest() -> None:
     quick = delivery("quick")
     stuck = [delivery(f"stuck {i}", headers={H_ATTEMPTS: 3}) for i in range(3)]
     for d in (quick, *stuck):
-        await dispatcher.submit(d)
+        dispatcher.submit(d)
     await until(lambda: sink.active == 4)
     drain = asyncio.create_task(dispatcher.drain(grace_s=0.1))
     await asyncio.sleep(0)
@@ -332,12 +334,13 @@ async def test_submit_after_drain_started_is_requeued() -> None:
     sink.gate = asyncio.Event()
     dispatcher = Dispatcher(make_pipeline(sink), limit=5)
     running = delivery("running")
-    await dispatcher.submit(running)
+    dispatcher.submit(running)
     await until(lambda: sink.active == 1)
     drain = asyncio.create_task(dispatcher.drain(grace_s=60.0))
     await asyncio.sleep(0)
     late = delivery("late", headers={H_ATTEMPTS: 2})
-    await dispatcher.submit(late)
+    dispatcher.submit(late)
+    await until(lambda: bool(late.verdicts))
     assert late.verdict.decision.action is Action.REQUEUE
     assert late.verdict.attempt == 3
     assert not drain.done()
@@ -353,13 +356,12 @@ async def test_submit_waiting_for_a_slot_is_requeued_on_drain() -> None:
     sink.gate = asyncio.Event()
     dispatcher = Dispatcher(make_pipeline(sink), limit=1)
     first, waiting = delivery("first"), delivery("waiting")
-    await dispatcher.submit(first)
-    waiter = asyncio.create_task(dispatcher.submit(waiting))
+    dispatcher.submit(first)
+    dispatcher.submit(waiting)
     await until(lambda: sink.active == 1)
     await asyncio.sleep(0)
-    assert not waiter.done()
+    assert not waiting.verdicts
     assert await dispatcher.drain(grace_s=0.01) == 1
-    await waiter
     assert first.verdict.decision.action is Action.REQUEUE
     assert waiting.verdict.decision.action is Action.REQUEUE
     assert [r.content for r in sink.requests] == ["first"]
@@ -504,11 +506,11 @@ async def test_requeue_on_drain_logs_one_line() -> None:
     dispatcher = Dispatcher(make_pipeline(sink), limit=1)
     running, late = delivery("running", message_id="m-run"), delivery("late", message_id="m-late")
     with capture_logs() as logs:
-        await dispatcher.submit(running)
+        dispatcher.submit(running)
         await until(lambda: sink.active == 1)
         drain = asyncio.create_task(dispatcher.drain(grace_s=0.01))
         await asyncio.sleep(0)
-        await dispatcher.submit(late)
+        dispatcher.submit(late)
         await drain
     lines = [e for e in logs if e["event"] == "message_settled"]
     assert Counter(e["message_id"] for e in lines) == {"m-run": 1, "m-late": 1}
@@ -551,7 +553,7 @@ async def test_breaker_half_open_sends_one_probe_others_wait_for_its_verdict() -
     dispatcher = Dispatcher(pipeline, limit=5)
     deliveries = [delivery(f"item {i}") for i in range(5)]
     for d in deliveries:
-        await dispatcher.submit(d)
+        dispatcher.submit(d)
     await until(lambda: sink.active == 1)
     for _ in range(50):
         await asyncio.sleep(0)
@@ -572,7 +574,7 @@ async def test_breaker_failed_probe_parks_the_waiters_without_an_attempt() -> No
     dispatcher = Dispatcher(pipeline, limit=3)
     deliveries = [delivery(f"item {i}") for i in range(3)]
     for d in deliveries:
-        await dispatcher.submit(d)
+        dispatcher.submit(d)
     await until(lambda: sink.active == 1)
     sink.gate.set()
     assert await dispatcher.drain(grace_s=5.0) == 0
@@ -625,7 +627,7 @@ async def test_retry_after_pauses_every_store_not_only_its_item() -> None:
     pipeline = make_pipeline(sink)
     dispatcher = Dispatcher(pipeline, limit=5)
     first = delivery("a")
-    await dispatcher.submit(first)
+    dispatcher.submit(first)
     await first.settled_event.wait()
     others = [delivery(c) for c in "bcd"]
     with capture_logs() as logs:
@@ -669,7 +671,8 @@ async def test_dispatcher_resize_down_then_up() -> None:
     sink.gate = asyncio.Event()
     dispatcher = Dispatcher(make_pipeline(sink), limit=4)
     deliveries = [delivery(f"item {i}") for i in range(8)]
-    submitting = asyncio.gather(*(dispatcher.submit(d) for d in deliveries))
+    for d in deliveries:
+        dispatcher.submit(d)
     await until(lambda: sink.active == 4)
     dispatcher.resize(2)
     sink.gate.set()
@@ -681,29 +684,24 @@ async def test_dispatcher_resize_down_then_up() -> None:
     dispatcher.resize(6)
     await until(lambda: sink.active == 4)  # the 4 left, all at once
     sink.gate.set()
-    await submitting
     assert await dispatcher.drain(grace_s=5.0) == 0
     assert all(d.verdict.decision.action is Action.ACK for d in deliveries)
 
 
-async def test_slot_waiter_cancelled_is_not_granted() -> None:
-    """A submit cancelled while waiting for a slot leaves the slots as they were."""
+async def test_waiting_deliveries_start_in_arrival_order() -> None:
+    """Deliveries beyond the limit wait in line and start first come, first served."""
     sink = FakeSink()
     sink.gate = asyncio.Event()
     dispatcher = Dispatcher(make_pipeline(sink), limit=1)
-    await dispatcher.submit(delivery("runs"))
-    waiting = asyncio.create_task(dispatcher.submit(delivery("waits")))
-    await asyncio.sleep(0)
-    waiting.cancel()
-    await asyncio.gather(waiting, return_exceptions=True)
+    deliveries = [delivery(content) for content in "abcd"]
+    for d in deliveries:
+        dispatcher.submit(d)
+    await until(lambda: sink.active == 1)
+    assert dispatcher.in_flight == 1
     sink.gate.set()
+    await until(lambda: all(d.verdicts for d in deliveries))
     assert await dispatcher.drain(grace_s=5.0) == 0
-    assert [r.content for r in sink.requests] == ["runs"]
-    later = delivery("later")
-    dispatcher._closing = False
-    await dispatcher.submit(later)
-    await later.settled_event.wait()
-    assert later.verdict.decision.action is Action.ACK
+    assert [r.content for r in sink.requests] == ["a", "b", "c", "d"]
 
 
 async def test_pipeline_feeds_the_adaptive_limit() -> None:
