@@ -16,9 +16,10 @@ Three things raise latency, and only the last is the sink queueing behind us:
   typical latency, then the lowest one seen; a window whose stores all ran alone sets it
   afresh. It never expires otherwise: a baseline relearned under load would let the limit
   creep up with the queue.
-- **Our own CPU.** When this process was busy for `cpu_busy` of a window's wall time, stores
-  wait in our event loop, not in the sink, and fewer in flight would not make any faster:
-  throughput is capped by our CPU. Such a window moves the limit only up, toward the maximum.
+- **Our own CPU.** When the event loop's thread was running, or ready to run and waiting for
+  a core, for `busy_share` of a window's wall time (Linux's schedstat; CPU time elsewhere),
+  stores wait in our loop or for the machine, not in the sink, and fewer in flight would not
+  make any faster. Such a window moves the limit only up, toward the maximum.
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Only the
   head of a burst is served unqueued, so a first window that closes early takes its fastest
@@ -38,7 +39,9 @@ a sink with room for every slot, or a worker held back by its own CPU, stays at 
 from __future__ import annotations
 
 import math
+import os
 import time
+import weakref
 from collections.abc import Callable
 
 
@@ -57,9 +60,9 @@ class AdaptiveLimit:
         early_above: float = 4.0,
         overload_share: float = 0.1,
         patience: int = 40,
-        cpu_busy: float = 0.5,
+        busy_share: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
-        cpu_clock: Callable[[], float] = time.process_time,
+        busy_clock: Callable[[], float] | None = None,
         on_change: Callable[[int, str], None] | None = None,
     ) -> None:
         self.maximum = maximum
@@ -73,14 +76,29 @@ class AdaptiveLimit:
         self._early_above = early_above
         self._overload_share = overload_share
         self._patience = patience
-        self._cpu_busy = cpu_busy
+        self._busy_share = busy_share
         self._clock = clock
-        self._cpu_clock = cpu_clock
+        self._busy_clock = busy_clock if busy_clock is not None else self._loop_busy_clock()
         self._on_change = on_change
         self._ceiling: int | None = None
         self._good_windows = 0
-        self._started_s = self._cpu_started_s = 0.0
+        self._started_s = self._busy_started_s = 0.0
         self._reset_window()
+
+    def _loop_busy_clock(self) -> Callable[[], float]:
+        """Seconds this thread has been running or waiting for a core; CPU seconds off Linux."""
+        try:
+            # The thread that builds the limit is the event loop's: the one that does our work.
+            fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+        except OSError:
+            return time.process_time
+        weakref.finalize(self, os.close, fd)
+
+        def busy_s() -> float:
+            on_cpu_ns, waiting_ns, _ = os.pread(fd, 128, 0).split()
+            return (int(on_cpu_ns) + int(waiting_ns)) / 1e9
+
+        return busy_s
 
     def __repr__(self) -> str:
         unloaded = f"{self.unloaded_s * 1000:.1f} ms" if self.unloaded_s else "unknown"
@@ -100,7 +118,7 @@ class AdaptiveLimit:
         latencies = self._latencies
         if not latencies:
             # The window's clocks start at its first store, so idle time before it is not in it.
-            self._started_s, self._cpu_started_s = self._clock(), self._cpu_clock()
+            self._started_s, self._busy_started_s = self._clock(), self._busy_clock()
         latencies.append(latency_s)
         self._total_s += latency_s
         self._overloads += overload
@@ -119,7 +137,8 @@ class AdaptiveLimit:
         count = len(latencies)
         typical_s = latencies[count * 3 // 4]
         wall_s = self._clock() - self._started_s
-        ours = wall_s > 0 and self._cpu_clock() - self._cpu_started_s >= self._cpu_busy * wall_s
+        busy_s = self._busy_clock() - self._busy_started_s
+        ours = wall_s > 0 and busy_s >= self._busy_share * wall_s
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
         if self.unloaded_s is None:

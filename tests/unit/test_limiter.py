@@ -21,7 +21,7 @@ class Clocks:
 
     def limit(self, maximum: int, **kwargs: object) -> AdaptiveLimit:
         """An AdaptiveLimit reading these clocks."""
-        return AdaptiveLimit(maximum, clock=lambda: self.now, cpu_clock=lambda: self.cpu, **kwargs)  # type: ignore[arg-type]
+        return AdaptiveLimit(maximum, clock=lambda: self.now, busy_clock=lambda: self.cpu, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass
