@@ -1,10 +1,10 @@
 """The benchmark's moving parts: processes, queues, publishing, and what is measured about them.
 
 Every process the runner starts is its own OS process so its CPU is measured on its own: the
-stand-in Session-Buddy (`python -m loadtest.standin`), each worker (`python -m worker run`,
-configured by `MAHAVISHNU_*` env vars), and the real Session-Buddy when it is installed. Only
-loopback addresses are used, every broker name starts with `bench-`, and every queue and
-exchange a run declares is deleted when the run ends.
+stand-in Session-Buddy (`python -m loadtest.standin`), each worker (`python -m worker run`, or a
+peer from `loadtest/peers/`, configured by the same `MAHAVISHNU_*` env vars), and the real
+Session-Buddy when it is installed. Only loopback addresses are used, every broker name starts
+with `bench-`, and every queue and exchange a run declares is deleted when the run ends.
 """
 
 from __future__ import annotations
@@ -44,6 +44,11 @@ AMQP_URL = os.environ.get("BENCH_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/"
 COMMITTED_SETTINGS = ROOT / "settings" / "mahavishnu.yaml"
 PUBLISH_WINDOW = 1000
 FILLER = "Pool worker finished its task; summary of what it learned goes here. " * 2
+# The workers memory-worker is measured against (`RunSpec.peer`); they have no metrics or logs.
+PEERS = {
+    "naive": [sys.executable, "-m", "loadtest.peers.naive"],
+    "faststream": [sys.executable, "-m", "loadtest.peers.faststream_peer"],
+}
 _LIMIT_GAUGE = re.compile(r"^memory_worker_concurrency_limit(?:\{[^}]*\})? (\S+)$", re.MULTILINE)
 
 
@@ -235,6 +240,17 @@ class StandInProcess:
             first.setdefault(key, t)
         return first
 
+    async def store_latencies(self) -> dict[str, tuple[float, float]]:
+        """Per key first stored: (when stored, seconds from the call reaching the stand-in)."""
+        response = await self._http.get(self._arrivals_url)
+        response.raise_for_status()
+        data = orjson.loads(response.content)
+        first: dict[str, tuple[float, float]] = {}
+        for key, t, received in zip(data["keys"], data["t"], data["received"], strict=True):
+            if received is not None:
+                first.setdefault(key, (t, t - received))
+        return first
+
     def cpu_s(self) -> float:
         """CPU seconds used so far."""
         return cpu_s_of(self.pid)
@@ -242,11 +258,12 @@ class StandInProcess:
 
 @dataclass
 class WorkerProcess:
-    """One `python -m worker run` process on the run's queues."""
+    """One `python -m worker run` process (or a peer: `peer` names it) on the run's queues."""
 
     index: int
     env: dict[str, str]
     log_path: Path
+    peer: str = ""
     ops_port: int = field(default_factory=free_port)
     proc: asyncio.subprocess.Process | None = None
     ready_at: float = 0.0
@@ -258,12 +275,12 @@ class WorkerProcess:
             f"{env.get('MAHAVISHNU_RABBITMQ__QUEUE', 'bench')}-w{self.index}"
         )
         # BENCH_WORKER_CMD runs another build of the worker (an A/B check) in its place.
-        command = shlex.split(os.environ.get("BENCH_WORKER_CMD", "")) or [
-            sys.executable,
-            "-m",
-            "worker",
-            "run",
-        ]
+        command = (
+            PEERS[self.peer]
+            if self.peer
+            else shlex.split(os.environ.get("BENCH_WORKER_CMD", ""))
+            or [sys.executable, "-m", "worker", "run"]
+        )
         with self.log_path.open("wb") as log:
             self.proc = await asyncio.create_subprocess_exec(
                 *command, cwd=ROOT, env=env, stdout=log, stderr=log
@@ -298,6 +315,8 @@ class WorkerProcess:
 
     async def concurrency_limit(self, client: httpx.AsyncClient) -> int | None:
         """The `memory_worker_concurrency_limit` gauge on `/metrics` (None if unreadable)."""
+        if self.peer:
+            return None
         with contextlib.suppress(httpx.HTTPError):
             response = await client.get(f"http://127.0.0.1:{self.ops_port}/metrics")
             found = _LIMIT_GAUGE.search(response.text)
@@ -345,17 +364,10 @@ class WorkerProcess:
 # --- broker ---------------------------------------------------------------------------------
 
 
-def bench_settings(name: str, sink_url: str, concurrency: int, adaptive: bool = False) -> Settings:
-    """Settings on the run's unique names: one short retry tier, fast startup, JSON logs.
-
-    Adaptive concurrency is off unless asked for: a run at c measures a fixed limit of c.
-    """
+def bench_settings(name: str, sink_url: str, concurrency: int) -> Settings:
+    """Settings on the run's unique names: one short retry tier, fast startup, JSON logs."""
     return Settings(
-        pools={
-            "max_concurrent_memory_insertions": concurrency,
-            "adaptive_concurrency": adaptive,
-            "session_buddy_url": sink_url,
-        },
+        pools={"max_concurrent_memory_insertions": concurrency, "session_buddy_url": sink_url},
         rabbitmq={
             "url": AMQP_URL,
             "exchange": name,
@@ -368,8 +380,14 @@ def bench_settings(name: str, sink_url: str, concurrency: int, adaptive: bool = 
     )
 
 
-def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
-    """The environment that makes `python -m worker run` use `settings`' names and sink."""
+def worker_env(
+    settings: Settings, log_level: str = "info", adaptive: bool | None = None
+) -> dict[str, str]:
+    """The environment that makes `python -m worker run` use `settings`' names and sink.
+
+    Adaptive concurrency keeps the committed default (on, within [1, c]) unless `adaptive`
+    sets it: a run measures memory-worker as a user gets it unless its label says otherwise.
+    """
     mq = settings.rabbitmq
     env = {k: v for k, v in os.environ.items() if not k.startswith("MAHAVISHNU_")}
     env.update(
@@ -384,15 +402,13 @@ def worker_env(settings: Settings, log_level: str = "info") -> dict[str, str]:
             "MAHAVISHNU_RETRY__TIERS_S": json.dumps(settings.retry.tiers_s),
             "MAHAVISHNU_POOLS__SESSION_BUDDY_URL": str(settings.pools.session_buddy_url),
             "MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS": str(settings.concurrency),
-            # Explicit either way: the committed default (on) must not change what a run means.
-            "MAHAVISHNU_POOLS__ADAPTIVE_CONCURRENCY": str(
-                settings.pools.adaptive_concurrency
-            ).lower(),
             "MAHAVISHNU_WORKER__GRACE_S": str(settings.worker.grace_s),
             "MAHAVISHNU_WORKER__LOG_FORMAT": "json",
             "MAHAVISHNU_WORKER__LOG_LEVEL": log_level,
         }
     )
+    if adaptive is not None:
+        env["MAHAVISHNU_POOLS__ADAPTIVE_CONCURRENCY"] = str(adaptive).lower()
     return env
 
 

@@ -1,10 +1,16 @@
 """One measured run: real worker processes on fresh queues, against the stand-in or the real sink.
 
+The workers are memory-worker processes with the committed settings (adaptive concurrency on,
+within [1, `concurrency`]) unless the spec sets `adaptive`, or, with `peer`, one of the workers
+it is measured against (`loadtest/peers/`): those have no metrics and no log lines, so their
+stores are counted and timed by the stand-in only.
+
 A run goes through up to three phases with the same workers:
 
 1. **prefilled** — `items` are published *before* the workers start; the workers drain them.
    Throughput is taken over the steady part (the 10th to the 90th percentile of store times, so
-   process start-up and the last stragglers do not count); CPU over the whole drain.
+   process start-up and the last stragglers do not count), and also between the first and the
+   last store (the issue's definition); CPU over the whole drain.
 2. **paced** — items are published at a fixed rate below what phase 1 reached (open loop), so
    end-to-end latency (publish → stored in the sink) measures the worker, not a queue backlog.
 3. **batches** — ACT-008's shape: publish a batch of n items to idle workers and time until the
@@ -13,10 +19,10 @@ A run goes through up to three phases with the same workers:
 Then the workers stop, and the ledger is drawn: published = stored + dead-lettered + still
 queued; anything else is lost.
 
-Adaptive concurrency is off unless a spec asks for it (`adaptive`), so `concurrency` is the
-limit the worker keeps. A spec can also cap the stand-in's capacity (`capacity`: calls served at
-once) and change that cap at set times, end the drain after `stop_after_s` (the rest stays
-queued), watch the workers' concurrency-limit gauge and keep every item's store latency.
+A spec can also cap the stand-in's capacity (`capacity`: calls served at once) and change that
+cap at set times, end the drain after `stop_after_s` (the rest stays queued), watch the workers'
+concurrency-limit gauge and keep every item's store latency (from the stand-in when it is the
+sink: from the call reaching it to the row stored; else from the worker's log lines).
 """
 
 from __future__ import annotations
@@ -98,7 +104,8 @@ class RunSpec:
     max_s: float = 120.0
     profile_s: float = 0.0
     rss_every_s: float = 1.0
-    adaptive: bool = False
+    adaptive: bool | None = None  # None: the committed default (on)
+    peer: str = ""  # "" is memory-worker; else a key of harness.PEERS
     capacity: int | None = None
     capacity_changes: tuple[tuple[float, int | None], ...] = ()
     stop_after_s: float = 0.0
@@ -151,7 +158,8 @@ class WorkerSet:
     def __init__(self, bench: Bench, spec: RunSpec, env: dict[str, str], name: str) -> None:
         self.bench = bench
         self.workers = [
-            WorkerProcess(i, env, bench.logs / f"{name}-w{i}.log") for i in range(spec.workers)
+            WorkerProcess(i, env, bench.logs / f"{name}-w{i}.log", spec.peer)
+            for i in range(spec.workers)
         ]
         self.baseline: list[ProcSample] = []
         self.rss_timeline: list[tuple[float, float]] = []
@@ -160,7 +168,7 @@ class WorkerSet:
         self.t0_wall = 0.0  # the same moment on the wall clock (the workers' log timestamps)
         self._samplers: list[asyncio.Task[None]] = []
         self._every_s = spec.rss_every_s
-        self._watch_s = spec.watch_limit_s
+        self._watch_s = 0.0 if spec.peer else spec.watch_limit_s  # a peer has no gauge
 
     async def start(self) -> None:
         """Start every worker and wait until all of them consume."""
@@ -327,7 +335,9 @@ async def start_profiler(pid: int, seconds: float, out: Path) -> asyncio.subproc
 async def run_workers(bench: Bench, spec: RunSpec, sink: Sink) -> dict[str, Any]:
     """Carry out one run (see the module docstring) and return everything measured."""
     name = unique_name()
-    settings = bench_settings(name, sink.url, spec.concurrency, spec.adaptive)
+    settings = bench_settings(name, sink.url, spec.concurrency)
+    if spec.peer and sink.standin is None:
+        raise BenchError(f"run {spec.label}: a peer's stores can only be counted by the stand-in")
     if sink.standin is not None:
         await sink.standin.reset()
         await sink.standin.configure(spec.latency_ms, spec.sigma, 7, spec.capacity)
@@ -337,7 +347,8 @@ async def run_workers(bench: Bench, spec: RunSpec, sink: Sink) -> dict[str, Any]
     async with BenchQueues(bench.connection, settings) as queues:
         publisher = Publisher(bench.connection, queues.topology)
         async with publisher.open():
-            workers = WorkerSet(bench, spec, worker_env(settings, bench.log_level), name)
+            env = worker_env(settings, bench.log_level, spec.adaptive)
+            workers = WorkerSet(bench, spec, env, name)
             try:
                 await _phases(bench, spec, sink, queues, publisher, workers, name, result)
             finally:
@@ -348,7 +359,7 @@ async def run_workers(bench: Bench, spec: RunSpec, sink: Sink) -> dict[str, Any]
         if spec.watch_limit_s > 0:
             result["limit_timeline"] = workers.limit_timeline
         if spec.store_latency:
-            result["store_latency"] = workers.store_latencies()
+            result["store_latency"] = await _store_latencies(sink, workers)
         result["ledger"] = await _ledger(queues, publisher, sink, workers, result)
     if not bench.keep_logs and result["ledger"]["lost"] == 0 and not any(codes):
         for w in workers.workers:
@@ -418,6 +429,15 @@ async def _change_capacity(
         applied.append((round(time.monotonic() - t0, 3), capacity))
 
 
+async def _store_latencies(sink: Sink, workers: WorkerSet) -> list[tuple[float, float]]:
+    """(s since t0 when stored, store latency ms) per item, in store order."""
+    if sink.standin is None:
+        return workers.store_latencies()
+    latencies = await sink.standin.store_latencies()
+    t0 = workers.t0
+    return sorted((round(t - t0, 4), round(s * 1000, 3)) for t, s in latencies.values())
+
+
 def _done_counter(sink: Sink, workers: WorkerSet) -> Callable[[], Awaitable[int]]:
     standin = sink.standin
     if standin is None:
@@ -464,6 +484,8 @@ async def _prefilled(
     n = max(1, len(in_window))
     worker_cpu = sum(a.cpu_s - b.cpu_s for a, b in zip(after, workers.baseline, strict=True))
     steady = steady_throughput(list(times.values()))
+    span = max(times.values()) - min(times.values()) if times else 0.0
+    first_last = (len(times) - 1) / span if span > 0 else float("nan")
     overall = (
         len(times) / (max(times.values()) - t_start) if times and sink.standin else float("nan")
     )
@@ -479,6 +501,8 @@ async def _prefilled(
         "throughput_overall_items_per_s": overall,
         "ideal_items_per_s": ideal,
         "efficiency": steady / ideal if ideal else None,
+        "throughput_first_last_items_per_s": first_last,
+        "efficiency_first_last": first_last / ideal if ideal else None,
         "worker_cpu_s_per_1000": worker_cpu / n * 1000,
         "worker_cpu_utilisation": worker_cpu / elapsed,
         "machine_busy_cores": busy / elapsed,

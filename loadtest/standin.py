@@ -3,9 +3,11 @@
 `python -m loadtest.standin --port P` serves exactly what `python -m worker.standin` serves and
 also records when each idempotency key was stored (CLOCK_MONOTONIC, which every process on the
 machine shares), so the runner can compute end-to-end latency per item and throughput over any
-window. The arrivals are served on a second loopback port (`GET /arrivals` answers
-`{"keys": [...], "t": [...]}` for rows stored since the last reset) so that this file hooks
-into a single method of the stand-in, `_store`. It prints the MCP URL, then the arrivals URL.
+window, and when each of those calls reached it, so a store's latency inside the sink (any wait
+for capacity plus the service time) is known whichever worker made the call. The arrivals are
+served on a second loopback port (`GET /arrivals` answers `{"keys": [...], "t": [...],
+"received": [...]}` for rows stored since the last reset) so that this file hooks into two
+methods of the stand-in, `_tools_call` and `_store`. It prints the MCP URL, then the arrivals URL.
 Every other knob is set through the stand-in's own `/_standin/*` control routes.
 """
 
@@ -16,6 +18,7 @@ import asyncio
 import signal
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -23,6 +26,9 @@ import uvloop
 from aiohttp import web
 
 from worker.standin import StandIn, StandInConfig
+
+# When the store call being served reached the stand-in: each request is its own task.
+_received: ContextVar[float] = ContextVar("received", default=float("nan"))
 
 
 class BenchStandIn(StandIn):
@@ -32,12 +38,18 @@ class BenchStandIn(StandIn):
         super().__init__(config, host=host, port=port)
         self._arrival_keys: list[str] = []
         self._arrival_t: list[float] = []
+        self._arrival_received: list[float] = []
 
     def reset(self) -> None:
         """Zero the counters and forget arrivals."""
         super().reset()
         self._arrival_keys = []
         self._arrival_t = []
+        self._arrival_received = []
+
+    async def _tools_call(self, request: web.Request, params: object) -> Any:
+        _received.set(time.monotonic())
+        return await super()._tools_call(request, params)
 
     def _store(
         self, content: str, tags: list[str], key: str | None, row: dict[str, Any]
@@ -45,11 +57,14 @@ class BenchStandIn(StandIn):
         stored_tags = super()._store(content, tags, key, row)
         self._arrival_keys.append(key or "")
         self._arrival_t.append(time.monotonic())
+        self._arrival_received.append(_received.get())
         return stored_tags
 
     async def arrivals(self, _: web.Request) -> web.Response:
-        """Keys and store times since the last reset, in store order."""
-        body = orjson.dumps({"keys": self._arrival_keys, "t": self._arrival_t})
+        """Keys, store times and call arrival times since the last reset, in store order."""
+        body = orjson.dumps(
+            {"keys": self._arrival_keys, "t": self._arrival_t, "received": self._arrival_received}
+        )
         return web.Response(body=body, content_type="application/json")
 
 
