@@ -2,7 +2,7 @@
 
 The server runs under uvicorn on loopback inside the test process, with the SDK's defaults:
 stateful sessions, SSE answers to POSTs. The client is the worker's own transport
-(`make_client`: aiohttp), so this is the wire path production uses. No broker is needed.
+(`make_client`), so this is the wire path production uses. No broker is needed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from worker.outcome import Kind
 from worker.settings import Settings, SinkSettings, load_settings
 from worker.sink import McpSink, StoreRequest
-from worker.transport import AiohttpClient, make_client
+from worker.transport import Http1Client, make_client
 
 STORED_TEXT = "💾 Reflection stored successfully!"
 EMPTY_TEXT = "❌ Validation error: Store reflection - content cannot be empty"
@@ -126,12 +126,12 @@ def settings(sdk: SdkServer) -> Settings:
 
 
 @pytest.fixture
-async def client(settings: Settings) -> AsyncIterator[AiohttpClient]:
+async def client(settings: Settings) -> AsyncIterator[Http1Client]:
     async with make_client(settings) as http:
         yield http
 
 
-def _sink(client: AiohttpClient, settings: Settings, sink: SinkSettings | None = None) -> McpSink:
+def _sink(client: Http1Client, settings: Settings, sink: SinkSettings | None = None) -> McpSink:
     # Default SinkSettings, not the loaded ones: a local.yaml must not change the expected tags.
     return McpSink(client, str(settings.pools.session_buddy_url), sink or SinkSettings())
 
@@ -141,7 +141,7 @@ def _request(content: str, key: str = "key-1", **metadata: Any) -> StoreRequest:
 
 
 async def test_store_is_stored_with_mapped_arguments(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """A store is STORED and the tool sees content, tags, project and source_session_id."""
     request = StoreRequest(
@@ -177,7 +177,7 @@ async def test_store_is_stored_with_mapped_arguments(
 
 
 async def test_blank_content_is_rejected_with_soft_error_text(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """Blank content gets the ❌ soft error (isError false) and is REJECTED with that text."""
     async with _sink(client, settings) as sink:
@@ -188,7 +188,7 @@ async def test_blank_content_is_rejected_with_soft_error_text(
 
 
 async def test_tool_exception_is_rejected(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """A tool that raises comes back isError true and is REJECTED."""
     async with _sink(client, settings) as sink:
@@ -200,7 +200,7 @@ async def test_tool_exception_is_rejected(
 
 
 async def test_unknown_tool_is_transient(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """Calling a tool the server lacks is TRANSIENT (a configuration error), naming the tool."""
     async with _sink(client, settings, SinkSettings(tool="nope")) as sink:
@@ -213,7 +213,7 @@ async def test_unknown_tool_is_transient(
 
 
 async def test_list_tools_includes_store_reflection(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """list_tools() over the SDK's SSE answer includes store_reflection."""
     async with _sink(client, settings) as sink:
@@ -221,7 +221,7 @@ async def test_list_tools_includes_store_reflection(
 
 
 async def test_concurrent_stores_share_one_session(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """20 concurrent stores over one session are all STORED, and only one session is opened."""
     async with _sink(client, settings) as sink:
@@ -234,7 +234,7 @@ async def test_concurrent_stores_share_one_session(
 
 
 async def test_reopens_session_after_server_forgets_it(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """After a server restart (404 Session not found) McpSink opens a new session and stores."""
     async with _sink(client, settings) as sink:
@@ -247,7 +247,7 @@ async def test_reopens_session_after_server_forgets_it(
 
 
 async def test_server_down_is_transient(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """With the server stopped, a store is TRANSIENT (connection refused), not an exception."""
     await sdk.stop()
@@ -258,7 +258,7 @@ async def test_server_down_is_transient(
 
 
 async def test_refused_host_header_is_transient(
-    sdk: SdkServer, client: AiohttpClient, settings: Settings
+    sdk: SdkServer, client: Http1Client, settings: Settings
 ) -> None:
     """A Host the SDK's DNS-rebinding protection refuses (421) is TRANSIENT, not a dead letter."""
     sdk.transport_security = TransportSecuritySettings(

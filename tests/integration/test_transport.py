@@ -1,4 +1,4 @@
-"""AiohttpClient on loopback: what goes out on the wire, and which failures become which error."""
+"""Http1Client on loopback: what goes out on the wire, and which failures become which error."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ async def test_refused_connection_is_a_transport_error() -> None:
             store_request()
         )
     assert outcome.kind is Kind.TRANSIENT and not outcome.overload
-    assert "ClientConnectorError" in outcome.detail
+    assert "ConnectionRefusedError" in outcome.detail
 
 
 async def test_slow_answer_is_a_timeout(server: Server) -> None:
@@ -182,3 +182,107 @@ async def test_request_needs_an_open_client() -> None:
     client = make_client(settings_for("http://127.0.0.1:9/mcp"))
     with pytest.raises(RuntimeError, match="async with"):
         await client.request("HEAD", "http://127.0.0.1:9/mcp", {})
+
+
+async def raw_server(answer: bytes) -> tuple[asyncio.Server, str, list[bytes]]:
+    """A loopback server that reads one request per connection, writes `answer` and closes."""
+    seen: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    srv = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    return srv, f"http://127.0.0.1:{port}/mcp", seen
+
+
+async def test_keep_alive_reuses_one_connection(server: Server) -> None:
+    """Sequential requests share one pooled connection; the pool never grows past its size."""
+    peers: set[object] = set()
+
+    async def peer(request: web.Request) -> web.StreamResponse:
+        peers.add(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.Response(body=b"ok")
+
+    server.handler = peer
+    async with make_client(settings_for(server.url)) as client:
+        for _ in range(5):
+            assert (await client.request("POST", server.url, {}, b"{}")).body == b"ok"
+        await asyncio.gather(*(client.request("POST", server.url, {}, b"{}") for _ in range(20)))
+        assert len(client._open) <= client.pool_size
+    assert len(peers) <= client.pool_size
+    assert len(server.seen) == 25
+
+
+async def test_chunked_answer_is_read_whole(server: Server) -> None:
+    """A chunked answer (what streamed SSE looks like) arrives as one body."""
+
+    async def chunked(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for part in (b"event: message\r\n", b"data: {}\r\n", b"\r\n"):
+            await response.write(part)
+        await response.write_eof()
+        return response
+
+    server.handler = chunked
+    async with make_client(settings_for(server.url)) as client:
+        reply = await client.request("POST", server.url, {}, b"{}")
+    assert reply.status == 200 and reply.body == b"event: message\r\ndata: {}\r\n\r\n"
+    assert reply.headers["content-type"] == "text/event-stream"
+
+
+async def test_answer_ended_by_close_is_complete_and_not_reused() -> None:
+    """An answer with no length ends with its connection; the next request opens another."""
+    answer = b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nall of it"
+    srv, url, seen = await raw_server(answer)
+    async with srv, make_client(settings_for(url)) as client:
+        first = await client.request("POST", url, {}, b"{}")
+        second = await client.request("POST", url, {}, b"{}")
+    assert first.body == second.body == b"all of it"
+    assert len(seen) == 2
+
+
+async def test_head_answer_has_no_body() -> None:
+    """A HEAD answer ends after its headers, whatever its content-length says."""
+    srv, url, seen = await raw_server(b"HTTP/1.1 200 OK\r\ncontent-length: 50\r\n\r\n")
+    async with srv, make_client(settings_for(url)) as client:
+        reply = await asyncio.wait_for(client.request("HEAD", url, {}), 5)
+    assert reply.status == 200 and reply.body == b""
+    assert seen[0].startswith(b"HEAD /mcp HTTP/1.1\r\n")
+
+
+async def test_malformed_answer_is_a_transport_error() -> None:
+    """Bytes that are not HTTP are a TransportError, not a crash."""
+    srv, url, _ = await raw_server(b"SMTP ready\r\n\r\n")
+    async with srv, make_client(settings_for(url)) as client:
+        with pytest.raises(TransportError):
+            await client.request("POST", url, {}, b"{}")
+
+
+async def test_cancelled_request_frees_its_connection(server: Server) -> None:
+    """A request cancelled mid-answer closes its connection and gives its pool slot back."""
+    server.handler = server.hold
+    async with make_client(settings_for(server.url)) as client:
+        pending = asyncio.create_task(client.request("POST", server.url, {}, b"{}"))
+        await asyncio.sleep(0.2)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert client._open == set() and client._idle == []
+        server.handler = server.mcp
+        server.released.set()
+        reply = await client.request("DELETE", server.url, {})
+    assert reply.status == 200
+
+
+async def test_line_break_in_a_header_is_refused(server: Server) -> None:
+    """A header value with a line break (a session id the server chose) is never sent."""
+    async with make_client(settings_for(server.url)) as client:
+        with pytest.raises(TransportError, match="line break"):
+            await client.request("POST", server.url, {"mcp-session-id": "a\r\nx-evil: 1"}, b"")
+    assert server.seen == []

@@ -390,7 +390,7 @@ def raising(error: TransportError) -> Answering:
     return Answering(fail)
 
 
-# What `AiohttpClient` raises for refused, timed-out, reset or cut-off connections
+# What `Http1Client` raises for refused, timed-out, reset or cut-off connections
 # (tests/integration/test_transport.py checks that it does).
 TRANSPORT_ERRORS = [
     TransportError("ClientConnectorError: Cannot connect to host sb.test:80"),
@@ -594,8 +594,8 @@ async def test_make_client_bearer_token(
     else:
         assert client.headers["authorization"] == f"Bearer {token}"
     assert client.headers["user-agent"] == "memory-worker"
-    assert client.timeout.total == settings.sink.timeout_s
-    assert client.timeout.connect == settings.sink.connect_timeout_s
+    assert client.timeout_s == settings.sink.timeout_s
+    assert client.connect_timeout_s == settings.sink.connect_timeout_s
     assert client.pool_size == 3 + 2
 
 
