@@ -4,15 +4,50 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
+from datetime import UTC, datetime
 from typing import Any, BinaryIO, Literal, TextIO, cast
 
 import orjson
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+# One line per message outcome is on the hot path: each processor below gives the same keys
+# and values as structlog's own (TimeStamper(fmt="iso", utc=True), format_exc_info,
+# JSONRenderer) for less CPU.
 
 
-def _orjson(obj: Any, **_: Any) -> bytes:
-    # One line per message outcome is on the hot path; orjson is ~10x the stdlib encoder.
-    return orjson.dumps(obj, default=str)
+class IsoUtcTimeStamper:
+    """`TimeStamper(fmt="iso", utc=True)`'s timestamp, with the date formatted once a second.
+
+    Like `datetime.now(UTC).isoformat()`, microseconds are truncated and left out when zero.
+    """
+
+    def __init__(self) -> None:
+        self._second = (-1, "")  # one tuple, so a reader on another thread never sees half
+
+    def __call__(self, logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+        """Add `timestamp`, e.g. "2024-06-01T12:00:00.123456Z"."""
+        second, nanos = divmod(time.time_ns(), 1_000_000_000)
+        cached, prefix = self._second
+        if cached != second:
+            prefix = datetime.fromtimestamp(second, UTC).isoformat().removesuffix("+00:00")
+            self._second = (second, prefix)
+        micros = nanos // 1000
+        event_dict["timestamp"] = f"{prefix}.{micros:06d}Z" if micros else f"{prefix}Z"
+        return event_dict
+
+
+def format_exc_info_if_any(logger: WrappedLogger, name: str, event_dict: EventDict) -> EventDict:
+    """`format_exc_info`, skipped for the events (nearly all) that carry no `exc_info`."""
+    if "exc_info" in event_dict:
+        return structlog.processors.format_exc_info(logger, name, event_dict)
+    return event_dict
+
+
+def render_json(logger: WrappedLogger, name: str, event_dict: EventDict) -> bytes:
+    """The event as one JSON object; orjson is ~10x the stdlib encoder."""
+    return orjson.dumps(event_dict, default=str)
 
 
 class TolerantStream:
@@ -51,12 +86,12 @@ def configure_logging(
     processors: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
+        IsoUtcTimeStamper(),
+        format_exc_info_if_any,
     ]
     factory: Any
     if as_json:
-        processors.append(structlog.processors.JSONRenderer(serializer=_orjson))
+        processors.append(render_json)
         # structlog's loggers only call write() and flush().
         factory = structlog.BytesLoggerFactory(cast(BinaryIO, TolerantStream(sys.stderr.buffer)))
     else:

@@ -30,6 +30,7 @@ from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 log = structlog.get_logger("worker.pipeline")
 NOT_ATTEMPTED = "sink circuit open: not attempted"
 IN_FLIGHT_ELSEWHERE = "another store of this item is in flight: not attempted"
+_DUPLICATE = Outcome.duplicate()  # immutable, so one instance serves every store
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,7 @@ class Pipeline:
     async def store_item(self, item: MemoryItem, key: str) -> Outcome:
         """Store one item within the per-item timeout; never raises for a failed store."""
         if key in self._recent:
-            return Outcome.duplicate()
+            return _DUPLICATE
         requests = self._requests(item, key)
         if isinstance(requests, Outcome):
             return requests
@@ -131,7 +132,7 @@ class Pipeline:
             self._report(claim, probe)  # hands a half-open probe back
             return claim
         timeout_s = self._settings.sink.timeout_s
-        outcome = Outcome.duplicate()  # stays so only if every part was stored before
+        outcome = _DUPLICATE  # stays so only if every part was stored before
         self._metrics.insert_started()
         started = time.perf_counter()
         try:
@@ -142,8 +143,8 @@ class Pipeline:
                     outcome = await self._sink.store(request)
                     if outcome.kind is not Kind.STORED:
                         break
-                    self._recent.add(request.key)
                     if request.key != key:  # a part: a retry on any worker skips it
+                        self._recent.add(request.key)
                         await self._ledger.mark_stored(request.key)
                 else:
                     self._recent.add(key)  # every part stored: a redelivery is a duplicate
@@ -179,7 +180,7 @@ class Pipeline:
         claim = await self._ledger.claim(key, parts)
         if claim.status is Status.STORED:
             self._recent.add(key)
-            return Outcome.duplicate()
+            return _DUPLICATE
         if claim.status is Status.ELSEWHERE:
             return Outcome.deferred(IN_FLIGHT_ELSEWHERE)
         return claim
@@ -299,21 +300,23 @@ class Pipeline:
             first = time.time()
         verdict = Verdict(decision, outcome, attempt, first)
         settled = await delivery.settle(verdict)
+        action = decision.action
+        kind, action_name = outcome.kind.value, action.value  # each enum .value is a lookup
         reason = decision.reason.value if decision.reason else ""
-        self._metrics.settled(outcome.kind.value, decision.action.value, reason)
+        self._metrics.settled(kind, action_name, reason)
         if not settled:
             self._metrics.late_acks.inc()
         log.log(
-            20 if decision.action in (Action.ACK, Action.REQUEUE) else 30,
+            20 if action in (Action.ACK, Action.REQUEUE) else 30,
             "message_settled",
             message_id=delivery.message_id,
             idempotency_key=key,
             attempt=attempt,
-            outcome=outcome.kind.value,
-            action=decision.action.value,
+            outcome=kind,
+            action=action_name,
             reason=reason or None,
             detail=outcome.detail or None,
-            retry_in_s=round(decision.delay_s, 3) if decision.action is Action.RETRY else None,
+            retry_in_s=round(decision.delay_s, 3) if action is Action.RETRY else None,
             counted=None if decision.counts else False,
             latency_s=round(time.perf_counter() - started, 6),
             settled=settled,

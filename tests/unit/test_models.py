@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import random
+import struct
 import subprocess
 import sys
 from datetime import UTC, datetime
+from decimal import Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
+import worker.models
 from worker.models import (
     DecodeError,
     MemoryItem,
+    _check_depth,
+    _parse_json,
+    _parse_strict,
     decode_item,
     encode_item,
     idempotency_key,
@@ -445,3 +454,166 @@ def test_idempotency_key_is_stable_across_processes() -> None:
     ).stdout.strip()
     assert other == idempotency_key(None, b"xyz")
     assert idempotency_key(None, b"xyz") != idempotency_key(None, b"xyz ")
+
+
+def same(a: object, b: object) -> bool:
+    """Equal with the same types all the way down, dict keys in the same order, -0.0 not 0.0."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict) and isinstance(b, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b and repr(a) == repr(b)
+
+
+def parsed(text: str, *, strict: bool = False) -> tuple[object, ...]:
+    """("ok", value) or ("error", reason, detail) from the decoder, or from the strict parser."""
+    try:
+        if not strict:
+            return ("ok", _parse_json(text, 32))
+        _check_depth(text, 32)
+        return ("ok", _parse_strict(text))
+    except DecodeError as exc:
+        return ("error", exc.reason, exc.detail)
+
+
+# Each is rejected by the strict parser; orjson alone would accept the first ones.
+STRICT_REJECTS = [
+    ('{"a":1,"a":2}', Reason.INVALID_JSON, "duplicate key 'a'"),
+    ('{"a" :1,"a":2}', Reason.INVALID_JSON, "duplicate key 'a'"),
+    ('{"a":1 , "a"\t:\n2}', Reason.INVALID_JSON, "duplicate key 'a'"),
+    ('{"s":"\\":","a":1,"a":2}', Reason.INVALID_JSON, "duplicate key 'a'"),
+    ('{"s":"x\\" : y","t":{"b":[1,{"c":1,"c":1}]}}', Reason.INVALID_JSON, "duplicate key 'c'"),
+    ('[{"k":1},{"k":2,"k":3}]', Reason.INVALID_JSON, "duplicate key 'k'"),
+    ("1" * 31, Reason.INVALID_JSON, "integer of 31 digits"),
+    ('{"n":-' + "9" * 40 + "}", Reason.INVALID_JSON, "integer of 40 digits"),
+    ('{"n":1e400}', Reason.INVALID_JSON, "number 1e400 out of range"),
+    ('{"n":-1e400}', Reason.INVALID_JSON, "out of range"),
+    ('{"n":NaN}', Reason.INVALID_JSON, "NaN is not valid JSON"),
+    ('{"n":-Infinity}', Reason.INVALID_JSON, "-Infinity is not valid JSON"),
+    ('{"s":"\\ud800"}', Reason.INVALID_ENCODING, "s: lone surrogate"),
+    ('{"s":["ok","\\udc00\\ud800"]}', Reason.INVALID_ENCODING, "s[1]: lone surrogate"),
+    ('{"\\ud83d":1}', Reason.INVALID_ENCODING, "lone surrogate"),
+    ('"\\ud800\\u0041"', Reason.INVALID_ENCODING, "top level: lone surrogate"),
+    ("[" * 33 + "]" * 33, Reason.INVALID_JSON, "nested deeper than 32"),
+    ('{"a":1,}', Reason.INVALID_JSON, "Expecting property name"),
+    ('"a\tb"', Reason.INVALID_JSON, "Invalid control character"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "reason", "fragment"), STRICT_REJECTS, ids=[case[2] for case in STRICT_REJECTS]
+)
+def test_fast_path_never_accepts_what_the_strict_parser_rejects(
+    text: str, reason: Reason, fragment: str
+) -> None:
+    """Every body the strict parser rejects is rejected with the same reason and detail."""
+    fast = parsed(text)
+    assert fast == parsed(text, strict=True)
+    assert fast[:2] == ("error", reason)
+    assert fragment in str(fast[2])
+
+
+# Valid inputs, including those orjson alone reads differently (duplicates aside).
+STRICT_ACCEPTS = [
+    body(make()).decode(),
+    body(
+        make(metadata__extra={"tags": ["a", "b"], "n": None, "ok": True, "deep": [[{}], []]})
+    ).decode(),
+    '{"a" : 1,\n "b"\t:\r[1, 2.5, -0, -0.0, 0.1, 1E5, 1e-5, 5e-324, 1e-400]}',
+    '{"s":"\\":","k":"\\"  :","a":{"\\":":1}}',
+    '{"n":18446744073709551615,"m":18446744073709551616,"o":-9223372036854775808}',
+    '{"n":-9223372036854775809,"m":' + "9" * 30 + ',"o":-' + "9" * 30 + "}",
+    '{"f":9223372036854775808.0,"g":1e19,"h":-9.3e18,"i":12345678901234567890.5}',
+    '{"f":0.1000000000000000055511151231257827,"g":9007199254740993.000000000000000001}',
+    '{"s":"\\ud83d\\ude00 \\u00e9 \\u0000 \\/ \\" \\\\","r":"\u2028\u00e9\x7f"}',
+    '{"z":{"y":{"x":[1,{"w":"v"}]}},"z2":[]}',
+    "[]",
+    '"text"',
+    "123",
+    "-0",
+    "1.5",
+    "1" * 30,
+    "true",
+    "null",
+    " \t\n\r{} ",
+]
+
+
+@pytest.mark.parametrize("text", STRICT_ACCEPTS)
+def test_fast_path_values_are_identical_to_the_strict_parsers(text: str) -> None:
+    """What both parsers accept comes back equal, with the same types and key order."""
+    fast, strict = parsed(text), parsed(text, strict=True)
+    assert fast[0] == strict[0] == "ok"
+    assert same(fast[1], strict[1])
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        body(make(metadata__exit_code=0, metadata__tags=["a"])),
+        body(make(metadata__timestamp="2024-06-01T12:00:00Z", content="at 12:00: done")),
+        body(make(content='he said "yes" and \\ left')),
+        json.dumps(make(), indent=2).encode(),
+    ],
+    ids=["plain", "colons in strings", "escapes", "indented"],
+)
+def test_typical_bodies_take_the_fast_path(raw: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Typical items never reach the strict parser, which is there to decide and explain."""
+    expected = decode_item(raw, JSON)
+
+    def fail(text: str) -> object:
+        raise AssertionError("strict parser called")
+
+    monkeypatch.setattr(worker.models, "_parse_strict", fail)
+    assert decode_item(raw, JSON) == expected
+
+
+def test_orjson_alone_differs_where_the_fast_path_checks() -> None:
+    """orjson keeps the last duplicate key and reads integers beyond 64 bits as floats."""
+    assert orjson.loads('{"a" :1,"a":2}') == {"a": 2}
+    assert orjson.loads("18446744073709551615") == 2**64 - 1
+    assert isinstance(orjson.loads("18446744073709551616"), float)
+    assert isinstance(orjson.loads("-9223372036854775809"), float)
+
+
+def test_orjson_reads_floats_as_the_strict_parser_does() -> None:
+    """The fast path relies on this: orjson rounds every float literal as float() does."""
+    rnd = random.Random(1717171717)
+    for _ in range(2000):
+        value = struct.unpack("<d", rnd.getrandbits(64).to_bytes(8, "little"))[0]
+        if not math.isfinite(value) or value == 0:
+            continue
+        above = math.nextafter(value, math.inf)
+        if not math.isfinite(above):
+            continue
+        with localcontext() as context:
+            context.prec = 1200  # enough for every double, so the midpoint below is exact
+            halfway = (Decimal(value) + Decimal(above)) / 2  # the hardest case to round
+            beyond = halfway + Decimal(10) ** (halfway.adjusted() - 30)
+        for literal in (repr(value), f"{value:.25e}", f"{halfway:e}", f"{beyond:e}"):
+            assert orjson.loads(literal) == float(literal), literal
+
+
+def test_fast_path_agrees_with_the_strict_parser_on_mutated_bodies() -> None:
+    """Random edits of JSON texts get the same value or the same error from both paths."""
+    rnd = random.Random(20240601)
+    seeds = [
+        body(make(metadata__extra=[1, 2.5, {"k": '":'}])).decode(),
+        '{"a" :1, "b":{"c":"\\":","d":[true,false,null,-0]}, "e":"\\u00e9\\ud83d\\ude00"}',
+        '[1e300, 18446744073709551615, -9223372036854775808, 0.1, {"k\\"":1}]',
+    ]
+    pieces = [*'{}[]":, \t\\0123456789.eE-', "\\ud800", '"a":1,', '"a" :', "9" * 19, "NaN"]
+    for _ in range(3000):
+        text = list(rnd.choice(seeds))
+        for _ in range(rnd.randint(1, 3)):
+            at = rnd.randrange(len(text))
+            if rnd.random() < 0.5:
+                text.insert(at, rnd.choice(pieces))
+            else:
+                text[at] = rnd.choice(pieces)
+        mutated = "".join(text)
+        fast, strict = parsed(mutated), parsed(mutated, strict=True)
+        assert fast[0] == strict[0], mutated
+        assert same(fast[1], strict[1]) if fast[0] == "ok" else fast == strict, mutated
