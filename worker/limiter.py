@@ -2,8 +2,9 @@
 
 The limit lives in [1, `max_concurrent_memory_insertions`] and starts at the maximum, so a
 healthy sink is used fully from the first round trip: a restart or a new replica has nothing
-to learn first. It moves once per window of completed stores: at least `window`, and at least
-one per slot, so a window is about one round trip of every slot. A window whose mean is
+to learn first. It moves once per window of completed stores: at least `window`, at least one
+per slot (so a window is about one round trip of every slot) and at least `min_window_s` (so
+a burst of answers read in one loop turn is not a window of its own). A window whose mean is
 already `early_above` times the unloaded latency closes after `window` stores: a sink that
 serves one call at a time is left within a few hundred milliseconds.
 
@@ -61,6 +62,7 @@ class AdaptiveLimit:
         overload_share: float = 0.1,
         patience: int = 40,
         busy_share: float = 0.5,
+        min_window_s: float = 0.02,
         clock: Callable[[], float] = time.monotonic,
         busy_clock: Callable[[], float] | None = None,
         on_change: Callable[[int, str], None] | None = None,
@@ -77,6 +79,7 @@ class AdaptiveLimit:
         self._overload_share = overload_share
         self._patience = patience
         self._busy_share = busy_share
+        self._min_window_s = min_window_s
         self._clock = clock
         self._busy_clock = busy_clock if busy_clock is not None else self._loop_busy_clock()
         self._on_change = on_change
@@ -86,17 +89,22 @@ class AdaptiveLimit:
         self._reset_window()
 
     def _loop_busy_clock(self) -> Callable[[], float]:
-        """Seconds this thread has been running or waiting for a core; CPU seconds off Linux."""
+        """Seconds this process ran plus the seconds its loop thread waited for a core.
+
+        CPU time is exact at any moment; the wait comes from Linux's schedstat (counted at
+        each switch, so only a window of a few scheduler ticks reads it well). Off Linux,
+        CPU time alone.
+        """
         try:
             # The thread that builds the limit is the event loop's: the one that does our work.
             fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
         except OSError:
             return time.process_time
         weakref.finalize(self, os.close, fd)
+        cpu_s = time.process_time
 
         def busy_s() -> float:
-            on_cpu_ns, waiting_ns, _ = os.pread(fd, 128, 0).split()
-            return (int(on_cpu_ns) + int(waiting_ns)) / 1e9
+            return cpu_s() + int(os.pread(fd, 128, 0).split()[1]) / 1e9
 
         return busy_s
 
@@ -129,7 +137,9 @@ class AdaptiveLimit:
         # The running mean is cheap enough to test on every store; the percentile only at the end.
         baseline_s = self.unloaded_s if self.unloaded_s is not None else min(latencies)
         early = self._total_s >= self._early_above * baseline_s * count
-        if early or count >= self._window_limit:
+        if (early or count >= self._window_limit) and (
+            self._clock() - self._started_s >= self._min_window_s
+        ):
             self._close_window(early)
 
     def _close_window(self, early: bool) -> None:
