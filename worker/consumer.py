@@ -29,6 +29,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
+from worker.acks import AckBatcher
 from worker.outcome import Action
 from worker.pipeline import Dispatcher, Verdict
 from worker.topology import (
@@ -133,15 +134,23 @@ class Outbox:
 class AmqpDelivery:
     """An aio-pika message adapted to the pipeline's `Delivery` protocol."""
 
-    __slots__ = ("_message", "_outbox", "body", "content_type", "headers", "message_id")
+    __slots__ = ("_acks", "_message", "_outbox", "body", "content_type", "headers", "message_id")
 
-    def __init__(self, message: AbstractIncomingMessage, outbox: Outbox) -> None:
+    def __init__(self, message: AbstractIncomingMessage, outbox: Outbox, acks: AckBatcher) -> None:
         self._message = message
         self._outbox = outbox
+        self._acks = acks
         self.body = message.body
         self.content_type = message.content_type
         self.message_id = message.message_id
         self.headers: Mapping[str, Any] = message.headers or {}
+        acks.delivered(self._tag)
+
+    @property
+    def _tag(self) -> int:
+        tag = self._message.delivery_tag
+        assert tag is not None  # consumed with acks, so every delivery has a tag
+        return tag
 
     @property
     def redelivered(self) -> bool:
@@ -157,31 +166,23 @@ class AmqpDelivery:
                 await self._outbox.retry(message, verdict)
             elif action is Action.DEAD_LETTER:
                 await self._outbox.dead_letter(message, verdict)
-            if action is Action.REQUEUE:
-                await message.nack(requeue=True)
-            else:
-                await message.ack()
         except (DeliveryError, PublishError, TimeoutError) as exc:
             # The copy was not confirmed, so the original must stay: hand it back.
             log.error("publish_unconfirmed", action=action.value, error=repr(exc))
-            return await self._requeue()
+            action = Action.REQUEUE
         except CONNECTION_EXCEPTIONS as exc:
             return _closed(action.value, exc)
-        return True
-
-    async def _requeue(self) -> bool:
-        try:
-            await self._message.nack(requeue=True)
-        except CONNECTION_EXCEPTIONS as exc:
-            return _closed(Action.REQUEUE.value, exc)
-        return True
+        if action is Action.REQUEUE:
+            settled = await self._acks.nack(self._tag)
+        else:
+            settled = self._acks.ack(self._tag)
+        return settled or _closed(action.value, None)
 
 
-def _closed(action: str, exc: BaseException) -> bool:
+def _closed(action: str, exc: BaseException | None) -> bool:
     """Log a settlement the closed channel refused; never retried, the broker requeued it."""
-    log.warning(
-        "settle_on_closed_channel", action=action, error=repr(exc), redelivery_expected=True
-    )
+    error = repr(exc) if exc is not None else "channel closed"
+    log.warning("settle_on_closed_channel", action=action, error=error, redelivery_expected=True)
     return False
 
 
@@ -205,6 +206,7 @@ class Consumer:
         self._worker_id = worker_id
         self._redeclare = redeclare
         self._on_resubscribe = on_resubscribe
+        self._acks: AckBatcher | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -229,7 +231,11 @@ class Consumer:
         self._queue = await channel.declare_queue(self._topology.queue, passive=True)
 
         async def on_message(message: AbstractIncomingMessage) -> None:
-            self._dispatcher.submit(AmqpDelivery(message, outbox))
+            acks = self._acks
+            if acks is None or acks.channel is not message.channel:
+                # A reconnect brings a new channel, whose delivery tags start again at 1.
+                acks = self._acks = AckBatcher(message.channel)
+            self._dispatcher.submit(AmqpDelivery(message, outbox, acks))
 
         self._on_message = on_message
         await self._watch_cancel(channel)
