@@ -187,7 +187,7 @@ def _closed(action: str, exc: BaseException | None) -> bool:
 
 
 class Consumer:
-    """Consumes the work queue on one channel whose prefetch equals the concurrency limit."""
+    """Consumes the work queue on one channel with the prefetch `Settings.prefetch` derives."""
 
     def __init__(
         self,

@@ -390,10 +390,11 @@ class Dispatcher:
     async def drain(self, grace_s: float) -> int:
         """Stop taking work, let in-flight inserts finish within `grace_s`, requeue the rest.
 
-        Returns how many running inserts were cancelled; deliveries still waiting for a slot
-        are requeued without being started.
+        Returns how many deliveries were handed back: running inserts cancelled at the end of
+        the grace period, and deliveries still waiting for a slot (requeued, never started).
         """
         self._closing = True
+        waiting = len(self._waiting)
         while self._waiting:
             self._spawn(self._pipeline.requeue(self._waiting.popleft()))
         pending = set(self._tasks)
@@ -403,4 +404,4 @@ class Dispatcher:
             task.cancel()
         # Requeues of deliveries that arrived meanwhile are awaited too.
         await asyncio.gather(*pending, *self._tasks, return_exceptions=True)
-        return len(pending)
+        return len(pending) + waiting

@@ -208,7 +208,7 @@ class Service:
     async def _steer(self, consumer: Consumer) -> None:
         """Make the consumer follow the breaker: paused while open, prefetch 1 while probing.
 
-        Closed: prefetch = `max_concurrent_memory_insertions`, whatever the adaptive limit is.
+        Closed: `Settings.prefetch` (from the maximum), whatever the adaptive limit is.
         A lower limit is enforced by the dispatcher's slots; following it with prefetch would
         re-subscribe the consumer on every change (a `basic.qos` applies to consumers started
         after it), and each re-subscription costs a round trip and can cause redeliveries.

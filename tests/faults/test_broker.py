@@ -169,12 +169,12 @@ async def test_broker_restart_mid_run_loses_nothing(node, make_settings, connect
         async with fresh(node) as conn:
             ledger = await tally(conn, settings, sb, published)
     print(f"consumer prefetch after the restart: {prefetches}, late settlements: {late}")
-    assert len(prefetches) == 1 and 1 <= prefetches[0] <= settings.concurrency
+    assert len(prefetches) == 1 and 1 <= prefetches[0] <= settings.prefetch
     assert ready and not ready_while_down  # /readyz is 503 while the broker is away
     assert ledger.lost == 0 and ledger.stored == published
     assert ledger.dead == 0 and ledger.still_queued == 0
-    # Unacked at the stop is at most the prefetch, which is at most the concurrency.
-    assert ledger.duplicates <= settings.concurrency
+    # Only what was unacked at the stop can come back twice: at most the prefetch.
+    assert ledger.duplicates <= settings.prefetch
 
 
 # --- 2. The broker closes every connection, five times -----------------------------------------
@@ -203,7 +203,7 @@ async def test_close_all_connections_five_times_loses_nothing(node, make_setting
             ledger = await tally(conn, settings, sb, published)
     late_lines = [e for e in logs if e["event"] == "settle_on_closed_channel"]
     print(f"consumer prefetch at the end: {prefetches}, late settlements: {late}")
-    assert len(prefetches) == 1 and 1 <= prefetches[0] <= settings.concurrency
+    assert len(prefetches) == 1 and 1 <= prefetches[0] <= settings.prefetch
     assert ready
     assert ledger.lost == 0 and ledger.stored == published
     assert ledger.dead == 0 and ledger.still_queued == 0
@@ -287,7 +287,7 @@ async def test_broker_down_with_no_startup_wait_exits_69(node, make_settings):
 # --- 4. The broker cancels the worker's consumer -----------------------------------------------
 
 
-# With an adaptive limit the prefetch changes re-subscribe the consumer, racing the recovery.
+# Adaptive or fixed, recovery must end with one consumer at the full prefetch.
 @pytest.mark.parametrize("adaptive", [False, True], ids=["fixed", "adaptive"])
 async def test_deleted_work_queue_is_redeclared_and_consumed_again(
     node, make_settings, connection, adaptive
@@ -320,7 +320,7 @@ async def test_deleted_work_queue_is_redeclared_and_consumed_again(
     assert recovery[0]["event"] == "consumer_cancelled_by_broker"
     assert recovery[0]["queue"] == topology.queue
     assert recovery[-1]["event"] == "consumer_reopened"
-    assert len(prefetches) == 1 and 1 <= prefetches[0] <= settings.concurrency
+    assert len(prefetches) == 1 and 1 <= prefetches[0] <= settings.prefetch
     assert ready
     assert ledger.lost == 0 and ledger.stored == first + second
     assert ledger.dead == 0 and ledger.still_queued == 0 and ledger.duplicates == 0

@@ -68,7 +68,7 @@ async def test_sigkill_in_flight_is_redelivered_to_another_worker(make_settings,
         finally:
             process.send_signal(signal.SIGKILL)
             await asyncio.wait_for(process.communicate(), 30)
-        # Unacked at the kill is at most the prefetch, which equals the concurrency.
+        # Unacked at the kill is at most the prefetch.
         in_flight = settings.prefetch
         async with Service(settings):
             await wait_until(lambda: sb.stats.distinct_keys == published)
@@ -323,7 +323,8 @@ def _requeued_at_stop(stderr: bytes) -> int | None:
 async def test_sigterm_with_grace_shorter_than_inserts_requeues_then_all_stored(
     make_settings, connection
 ):
-    """SIGTERM, 1 s grace, inserts held: exit 0, the 5 in flight requeued, a 2nd worker stores."""
+    """SIGTERM, 1 s grace, inserts held: exit 0, the 5 in flight and the one waiting for a slot
+    requeued, a 2nd worker stores."""
     published, concurrency = 20, 5
     async with StandIn() as sb:
         settings = make_settings(pools=_fixed(sb, concurrency), worker={"grace_s": 1})
@@ -337,7 +338,7 @@ async def test_sigterm_with_grace_shorter_than_inserts_requeues_then_all_stored(
             )
             process = await start_worker_process(env)
             await wait_until(lambda: sb.held == concurrency)
-            assert await early.sample() == (concurrency, concurrency)
+            assert await early.sample() == (concurrency, settings.prefetch)
             process.send_signal(signal.SIGTERM)
             _, stderr = await asyncio.wait_for(process.communicate(), 30)
             back_in_queue = await depth(connection, settings.rabbitmq.queue)
@@ -349,7 +350,7 @@ async def test_sigterm_with_grace_shorter_than_inserts_requeues_then_all_stored(
                 await drained(connection, settings, sb)
         ledger = await tally(connection, settings, sb, published, early)
     assert process.returncode == 0, stderr.decode()[-2000:]
-    assert _requeued_at_stop(stderr) == concurrency
+    assert _requeued_at_stop(stderr) == settings.prefetch
     assert back_in_queue == published  # nothing finished, nothing dead-lettered
     assert ledger.lost == 0 and ledger.stored == published
     assert ledger.dead_lettered == {} and ledger.still_queued == 0
@@ -371,22 +372,25 @@ async def wait_for_value(
 
 
 async def test_unacked_equals_held_stores_and_nothing_is_acked_early(make_settings, connection):
-    """While the sink holds N stores, the broker counts exactly N unacked and nothing stored."""
+    """While the sink holds N stores, the broker counts every prefetched delivery unacked
+    (the N held and the ones waiting for a slot) and nothing is stored."""
     published, concurrency = 30, 6
     async with StandIn() as sb:
         settings = make_settings(pools=_fixed(sb, concurrency))
+        prefetch = settings.prefetch
+        assert prefetch > concurrency
         await publish_items(connection, settings, published)
         sb.hold()
         async with Service(settings), EarlyAcks(sb, settings) as early:
             await wait_until(lambda: sb.held == concurrency)
             for _ in range(3):
                 waiting, unacked = await early.sample()
-                assert (waiting, unacked) == (concurrency, concurrency)
+                assert (waiting, unacked) == (concurrency, prefetch)
                 assert sb.stats.stored == 0
-            assert await depth(connection, settings.rabbitmq.queue) == published - concurrency
+            assert await depth(connection, settings.rabbitmq.queue) == published - prefetch
             # The queue's own count agrees once a quorum queue refreshes its figures.
             queue, host = settings.rabbitmq.queue, vhost(settings.rabbitmq.url.get_secret_value())
-            await wait_for_value(lambda: unacked_in_queue(queue, host), concurrency, timeout_s=15)
+            await wait_for_value(lambda: unacked_in_queue(queue, host), prefetch, timeout_s=15)
             assert sb.stats.stored == 0 and sb.held == concurrency
             sb.release()
             await wait_until(lambda: sb.stats.distinct_keys == published)

@@ -164,7 +164,8 @@ async def test_two_workers_share_one_queue(make_settings, connection):
 
 
 async def test_no_ack_before_the_store_is_confirmed(make_settings, connection):
-    """While the sink holds requests open, exactly that many messages are out of the queue."""
+    """While the sink holds requests open, only the prefetch is out of the queue: the held
+    stores and the one delivery waiting for a slot."""
     async with StandIn() as sb:
         settings = make_settings(
             pools={"session_buddy_url": sb.url, "max_concurrent_memory_insertions": 4}
@@ -174,8 +175,8 @@ async def test_no_ack_before_the_store_is_confirmed(make_settings, connection):
         async with Service(settings):
             await wait_until(lambda: sb.held == 4)
             await asyncio.sleep(0.3)
-            assert sb.held == 4
-            assert await depth(connection, settings.rabbitmq.queue) == 6
+            assert sb.held == 4 and sb.stats.stored == 0
+            assert await depth(connection, settings.rabbitmq.queue) == 10 - settings.prefetch == 5
             sb.release()
             await wait_until(lambda: sb.stats.distinct_keys == 10)
 

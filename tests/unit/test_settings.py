@@ -320,11 +320,11 @@ def test_password_not_in_settings_error(
     assert PASSWORD not in repr(caught.value)
 
 
-@pytest.mark.parametrize("value", [1, 7, 10, 50])
-def test_prefetch_equals_concurrency(value: int) -> None:
-    """Prefetch is derived from, and equal to, the concurrency limit."""
+@pytest.mark.parametrize(("value", "prefetch"), [(1, 2), (7, 8), (10, 12), (50, 62)])
+def test_prefetch_is_the_concurrency_and_a_quarter(value: int, prefetch: int) -> None:
+    """Prefetch is derived from the concurrency limit: a quarter more, at least one more."""
     s = load_settings({"pools": {"max_concurrent_memory_insertions": value}})
-    assert s.prefetch == s.concurrency == value
+    assert s.concurrency == value and s.prefetch == prefetch
 
 
 @pytest.fixture
