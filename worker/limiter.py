@@ -2,11 +2,12 @@
 
 The limit lives in [1, `max_concurrent_memory_insertions`] and starts at the maximum, so a
 healthy sink is used fully from the first round trip: a restart or a new replica has nothing
-to learn first. It moves once per window of completed stores: at least `window`, at least one
-per slot (so a window is about one round trip of every slot) and at least `min_window_s` (so
-a burst of answers read in one loop turn is not a window of its own). A window whose mean is
-already `early_above` times the unloaded latency closes after `window` stores: a sink that
-serves one call at a time is left within a few hundred milliseconds.
+to learn first. It moves once per window of completed stores: at least `window` (enough for a
+steady percentile), at least one per slot (so a window is about one round trip of every slot)
+and at least `min_window_s` (so a burst of answers read in one loop turn is not a window of
+its own). A window whose mean is already `early_above` times the unloaded latency closes after
+`early_window` stores: a sink that serves one call at a time is left within a few hundred
+milliseconds.
 
 A window is judged by its typical latency, the 75th percentile, against the unloaded latency.
 Three things raise latency, and only the last is the sink queueing behind us:
@@ -54,7 +55,8 @@ class AdaptiveLimit:
         maximum: int,
         *,
         enabled: bool = True,
-        window: int = 16,
+        window: int = 32,
+        early_window: int = 16,
         grow_below: float = 1.7,
         shrink_above: float = 2.0,
         flat_below: float = 1.2,
@@ -72,6 +74,7 @@ class AdaptiveLimit:
         self.limit = maximum
         self.unloaded_s: float | None = None
         self._window = window
+        self._early_window = early_window
         self._grow_below = grow_below
         self._shrink_above = shrink_above
         self._flat_below = flat_below
@@ -132,12 +135,12 @@ class AdaptiveLimit:
         self._overloads += overload
         self._busiest = max(self._busiest, in_flight)
         count = len(latencies)
-        if count < self._window:
+        if count < self._early_window:
             return
         # The running mean is cheap enough to test on every store; the percentile only at the end.
         baseline_s = self.unloaded_s if self.unloaded_s is not None else min(latencies)
         early = self._total_s >= self._early_above * baseline_s * count
-        if (early or count >= self._window_limit) and (
+        if (early or count >= max(self._window, self._window_limit)) and (
             self._clock() - self._started_s >= self._min_window_s
         ):
             self._close_window(early)
