@@ -77,6 +77,12 @@ class AckBatcher:
         self.frames_sent += 1
         return True
 
+    async def flush(self) -> None:
+        """Write every ack decided so far; call before closing the channel, or they are lost."""
+        if self._flushing:
+            self._flush()
+        await asyncio.gather(*self._sends, return_exceptions=True)
+
     def _forget(self, tag: int) -> None:
         index = bisect.bisect_left(self._unsettled, tag)
         if index < len(self._unsettled) and self._unsettled[index] == tag:

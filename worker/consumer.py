@@ -388,5 +388,9 @@ class Consumer:
         if self._recovery is not None:
             self._recovery.cancel()
             await asyncio.gather(self._recovery, return_exceptions=True)
+        if self._acks is not None:
+            # Acks of the last loop turns must reach the broker before the channel closes,
+            # or it redelivers messages that were stored.
+            await self._acks.flush()
         if self._channel is not None and not self._channel.is_closed:
             await self._channel.close()

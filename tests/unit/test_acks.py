@@ -164,3 +164,14 @@ async def test_random_settle_orders_ack_each_delivery_once_and_only_when_settled
                 await turn()
         await turn()
         assert broker.outstanding == set()
+
+
+async def test_flush_writes_the_acks_of_the_current_turn_at_once() -> None:
+    """flush() before a channel close writes the acks decided in this very turn."""
+    acks, channel = batcher(range(1, 4))
+    for tag in (1, 2, 3):
+        acks.ack(tag)
+    await acks.flush()  # no loop turn in between
+    assert channel.frames == [("ack", 3, True)]
+    await turn()
+    assert channel.frames == [("ack", 3, True)]  # and nothing is written twice
