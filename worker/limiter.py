@@ -23,19 +23,24 @@ Three things raise latency, and only the last is the sink queueing behind us:
   stores wait in our loop or for the machine, not in the sink, and fewer in flight would not
   make any faster. Such a window moves the limit only up, toward the maximum.
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
-  in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Only the
-  head of a burst is served unqueued, so a first window that closes early takes its fastest
-  call as the unloaded latency. Above `shrink_above` times unloaded the limit shrinks in
-  proportion (at most halving); a window with `overload_share` of 429/503/timeouts halves it.
+  in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
+  `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
+  with `overload_share` of 429/503/timeouts halves it. When the very first window already shows
+  it (the burst queued), the unloaded latency is unknown, since a server that interleaves calls
+  answers even the first one late: the limit probes at 1 until a window of stores that ran
+  alone has measured it, then grows from there.
 
 Growth: below `flat_below` times unloaded with every slot busy the limit doubles (capacity is
 back); below `grow_below` it grows by a quarter; in between it holds. A limit that latency
-pushed it back from is a ceiling: the limit grows by quarters near it, and passes it only on
-flat latency or after `patience` good windows in a row, so a sink whose best limit sits just
-under the bound is not probed one step higher every few windows (those windows set the p95).
+pushed it back from is a ceiling, remembered with what the sink served there (ceiling ÷ latency
+ratio). The limit stays below it until latency is flat at a quarter (and one call) more than
+that capacity, or for `patience` good windows in a row: flat latency at one call at a time says
+nothing on a sink that serves one call at a time, and each probe above the ceiling costs a
+window of queued calls (those windows would set the p95).
 
-A sink that serves one call at a time thus settles near two (one call running, one waiting);
-a sink with room for every slot, or a worker held back by its own CPU, stays at the maximum.
+A sink that serves one call at a time (Session-Buddy) thus settles at one call, p95 near the
+unloaded latency, throughput within a few percent of the best fixed limit; a sink with room for
+every slot, or a worker held back by its own CPU, stays at the maximum.
 """
 
 from __future__ import annotations
@@ -58,13 +63,13 @@ class AdaptiveLimit:
         window: int = 32,
         early_window: int = 16,
         grow_below: float = 1.7,
-        shrink_above: float = 2.0,
+        shrink_above: float = 1.8,
         flat_below: float = 1.2,
         early_above: float = 4.0,
         overload_share: float = 0.1,
         patience: int = 40,
         busy_share: float = 0.5,
-        min_window_s: float = 0.02,
+        min_window_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         busy_clock: Callable[[], float] | None = None,
         on_change: Callable[[int, str], None] | None = None,
@@ -87,6 +92,8 @@ class AdaptiveLimit:
         self._busy_clock = busy_clock if busy_clock is not None else self._loop_busy_clock()
         self._on_change = on_change
         self._ceiling: int | None = None
+        self._capacity = 0.0  # what the sink served at the ceiling: ceiling / latency ratio
+        self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
         self._good_windows = 0
         self._started_s = self._busy_started_s = 0.0
         self._reset_window()
@@ -155,9 +162,18 @@ class AdaptiveLimit:
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
         if self.unloaded_s is None:
-            # The head of a burst that queued: its fastest call had nothing of ours ahead. Not
-            # so when our own loop was the queue: then the fastest call says nothing.
-            self.unloaded_s = latencies[0] if early and not ours else typical_s
+            if early and not ours and not self._probing:
+                # The first stores queued behind each other: how fast the sink is unloaded is
+                # unknown (a server that interleaves calls answers even the first one late),
+                # so measure it: one store at a time until a window ran wholly alone.
+                self._probing = True
+                self._decide(1, "probe")
+                return
+            if self._probing and self._busiest > 1:
+                self._decide(1, "probe")  # stores started before the probe are still ending
+                return
+            self._probing = False
+            self.unloaded_s = typical_s
         elif self._busiest == 1:
             self.unloaded_s = typical_s  # every store in the window ran alone
         else:
@@ -173,18 +189,22 @@ class AdaptiveLimit:
         if overloaded:
             limit, why = limit // 2, "overload"
         elif ratio > self._shrink_above:
-            self._ceiling = limit  # latency was too high here: come back only with evidence
-            limit, why = math.floor(limit * max(0.5, self._shrink_above / ratio)), "latency"
+            shrunk = max(1, math.floor(limit * max(0.5, self._shrink_above / ratio)))
+            if shrunk < limit:
+                # Latency was too high here: come back only with evidence of more capacity.
+                self._ceiling, self._capacity = limit, limit / ratio
+            limit, why = shrunk, "latency"
         elif good:
             flat = ratio < self._flat_below
             ceiling = self._ceiling
-            if ceiling is not None and (
-                (flat and limit > ceiling) or self._good_windows >= self._patience
-            ):
-                ceiling = self._ceiling = None  # flat above it, or long good: capacity is back
-            # Doubling only with no ceiling: just under one, flat says little about twice as many.
+            # Flat latency at a quarter above what the sink served at the ceiling, or a long
+            # run of good windows: the capacity is back. Flat below that says nothing: one
+            # call at a time is flat on a sink that serves one call at a time.
+            more = flat and limit >= 1.25 * self._capacity + 1
+            if ceiling is not None and (more or self._good_windows >= self._patience):
+                ceiling = self._ceiling = None
             grown = limit * 2 if flat and ceiling is None else limit + max(1, limit // 4)
-            if ceiling is not None and grown >= ceiling and not flat:
+            if ceiling is not None and grown >= ceiling:
                 grown = max(limit, ceiling - 1)
             limit, why = grown, "headroom"
         else:

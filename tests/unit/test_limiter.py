@@ -180,7 +180,7 @@ def test_overload_signals_halve_the_limit() -> None:
     clocks = Clocks()
     limit = clocks.limit(50)
     feed(limit, clocks, UNLOADED_S, 400)
-    feed(limit, clocks, UNLOADED_S, 50, overload=lambda i: i % 5 == 0)
+    feed(limit, clocks, UNLOADED_S, 64, overload=lambda i: i % 5 == 0)
     assert limit.limit == 25
 
 
@@ -189,7 +189,7 @@ def test_a_rare_overload_signal_does_not_shrink_it() -> None:
     clocks = Clocks()
     limit = clocks.limit(50)
     feed(limit, clocks, UNLOADED_S, 400)
-    feed(limit, clocks, UNLOADED_S, 50, overload=lambda i: i == 0)
+    feed(limit, clocks, UNLOADED_S, 64, overload=lambda i: i == 0)
     assert limit.limit == 50
 
 
@@ -204,7 +204,7 @@ def test_no_growth_without_demand() -> None:
     for _ in range(500):
         clocks.now += 0.01
         limit.observe(UNLOADED_S, overload=False, in_flight=1)
-    assert limit.limit == low or low == 1
+    assert limit.limit <= low
 
 
 def test_disabled_limit_stays_at_the_maximum() -> None:
