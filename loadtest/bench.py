@@ -65,7 +65,7 @@ from loadtest.harness import (
     percentiles,
     session_buddy_home,
 )
-from loadtest.runs import Bench, RunSpec, Sink, run_or_raise
+from loadtest.runs import Bench, RunSpec, Sink, py_spy, run_or_raise
 from worker.models import MemoryItem, item_from_dict
 from worker.outcome import Kind
 from worker.service import MemoryInserter
@@ -803,7 +803,7 @@ async def scenario_cpu(bench: Bench, opt: Options) -> Outcome:
     best = max(r["prefilled"]["throughput_items_per_s"] for r in results if not r["spec"]["peer"])
     versus = _cpu_versus(bench, results)
     profile: dict[str, Any] = {}
-    if shutil.which("py-spy"):
+    if py_spy():
         seconds = opt.pick(10.0, 3.0)
         spec = RunSpec(
             "memory-worker 0 ms c=50 (py-spy)",

@@ -30,6 +30,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
+import shutil
+import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -312,10 +315,16 @@ def steady_throughput(times: Sequence[float]) -> float:
     return (hi - lo) / span if span > 0 else float("nan")
 
 
+def py_spy() -> str | None:
+    """py-spy from PATH or from this interpreter's bin folder (a venv run without activating it)."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return shutil.which("py-spy", path=path)
+
+
 async def start_profiler(pid: int, seconds: float, out: Path) -> asyncio.subprocess.Process:
     """py-spy sampling a worker for `seconds` (raw collapsed stacks)."""
     return await asyncio.create_subprocess_exec(
-        "py-spy",
+        py_spy() or "py-spy",
         "record",
         "--pid",
         str(pid),
