@@ -51,11 +51,6 @@ class Delivery(Protocol):
     message_id: str | None
     headers: Mapping[str, Any]
 
-    @property
-    def redelivered(self) -> bool:
-        """Whether the broker delivered this message before."""
-        ...
-
     async def settle(self, verdict: Verdict) -> bool:
         """Ack, retry, dead-letter or requeue; False when the channel was already gone."""
         ...
