@@ -21,7 +21,8 @@ Three things raise latency, and only the last is the sink queueing behind us:
 - **Our own CPU.** When the event loop's thread was running, or ready to run and waiting for
   a core, for `busy_share` of a window's wall time (Linux's schedstat; CPU time elsewhere),
   stores wait in our loop or for the machine, not in the sink, and fewer in flight would not
-  make any faster. Such a window moves the limit only up, toward the maximum.
+  make any faster. Such a window moves the limit only up, toward the maximum, and never sets
+  the unloaded latency (a burst that starts on a busy machine would set it high).
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
@@ -95,6 +96,7 @@ class AdaptiveLimit:
         self._capacity = 0.0  # what the sink served at the ceiling: ceiling / latency ratio
         self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
         self._good_windows = 0
+        self._fastest_s = math.inf  # fastest store seen while the unloaded latency is unknown
         self._started_s = self._busy_started_s = 0.0
         self._reset_window()
 
@@ -145,7 +147,9 @@ class AdaptiveLimit:
         if count < self._early_window:
             return
         # The running mean is cheap enough to test on every store; the percentile only at the end.
-        baseline_s = self.unloaded_s if self.unloaded_s is not None else min(latencies)
+        baseline_s = self.unloaded_s
+        if baseline_s is None:
+            baseline_s = min(self._fastest_s, min(latencies))
         early = self._total_s >= self._early_above * baseline_s * count
         if (early or count >= max(self._window, self._window_limit)) and (
             self._clock() - self._started_s >= self._min_window_s
@@ -161,27 +165,33 @@ class AdaptiveLimit:
         ours = wall_s > 0 and busy_s >= self._busy_share * wall_s
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
-        if self.unloaded_s is None:
-            if early and not ours and not self._probing:
+        if self._probing:
+            if self._busiest > 1:
+                self._decide(1, "probe")  # stores started before the probe are still ending
+                return
+            self._probing = False
+            self.unloaded_s = typical_s
+        elif ours and not overloaded:
+            # Our event loop was the queue: the latency says nothing about the sink, not even
+            # how fast it is unloaded (a first window on a busy machine would set it high);
+            # its fastest store still lets the next window see a queue by its mean.
+            if self.unloaded_s is None:
+                self._fastest_s = min(self._fastest_s, latencies[0])
+            self._decide(min(self.maximum, self.limit * 2), "own_cpu")
+            return
+        elif self.unloaded_s is None:
+            if early:
                 # The first stores queued behind each other: how fast the sink is unloaded is
                 # unknown (a server that interleaves calls answers even the first one late),
                 # so measure it: one store at a time until a window ran wholly alone.
                 self._probing = True
                 self._decide(1, "probe")
                 return
-            if self._probing and self._busiest > 1:
-                self._decide(1, "probe")  # stores started before the probe are still ending
-                return
-            self._probing = False
             self.unloaded_s = typical_s
         elif self._busiest == 1:
             self.unloaded_s = typical_s  # every store in the window ran alone
         else:
             self.unloaded_s = min(self.unloaded_s, typical_s)
-        if ours and not overloaded:
-            # Our event loop was the queue: the latency says nothing about the sink.
-            self._decide(min(self.maximum, self.limit * 2), "own_cpu")
-            return
         ratio = typical_s / self.unloaded_s if self.unloaded_s > 0 else 1.0
         limit = self.limit
         good = ratio < self._grow_below and saturated and not overloaded

@@ -121,6 +121,21 @@ def test_serial_sink_is_left_within_two_seconds() -> None:
     assert limit.unloaded_s is not None and abs(limit.unloaded_s - 0.022) < 0.005
 
 
+def test_a_busy_first_window_does_not_become_the_baseline() -> None:
+    """Serial sink, the machine busy while the first stores queue: the queued latency of that
+    window is not taken for the unloaded one, and the limit still comes down to 1-2."""
+    clocks = Clocks()
+    limit = clocks.limit(20)
+    sim = Sim(lambda: 0.022, capacity=1, clocks=clocks)
+    # The first 0.4 s the loop thread waits for a core most of the time (startup, other load).
+    sim.cpu_per_store_s = 0.02
+    sim.run(limit, 0.4)
+    sim.cpu_per_store_s = 0.0001
+    sim.run(limit, 10.0)
+    assert max(sim.limits(after_s=3.0)) <= 2
+    assert limit.unloaded_s is not None and limit.unloaded_s < 0.03
+
+
 def test_own_cpu_limit_is_not_read_as_queueing() -> None:
     """0 ms sink, the worker's loop busy all the time: latency grows with in-flight, limit stays."""
     clocks = Clocks()
