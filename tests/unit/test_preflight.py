@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.unit.fakes import isolate_settings
 from worker.consumer import CONFIRM_TIMEOUT_S
 from worker.settings import Settings
 from worker.topology import (
@@ -21,11 +19,6 @@ from worker.topology import (
     management_queue_url,
     queue_problems,
 )
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_settings(monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize(
