@@ -37,7 +37,7 @@ from worker.settings import Settings
 from worker.standin import StandIn, StandInConfig
 from worker.topology import Topology
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 EXIT_UNAVAILABLE = 69
 RECOVERY_EVENTS = (

@@ -48,7 +48,7 @@ from worker.standin import StandIn, StandInConfig
 from worker.topology import H_ATTEMPTS, H_DETAIL, H_REASON, Topology
 from worker.transport import HttpClient, make_client
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
 # --- 1. SIGKILL -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """A ten-minute Session-Buddy outage under production breaker and retry settings.
 
-Run apart from the rest of the suite (`make test` starts it in the background first), since
-most of its time is spent waiting for the outage to end. `MW_OUTAGE_S` shortens the outage
+Marked `slow`: `make test` runs it apart from the rest of the suite, in the background first,
+since most of its time is spent waiting for the outage to end. `MW_OUTAGE_S` shortens the outage
 for a local try; CI runs the full ten minutes.
 """
 
@@ -18,7 +18,7 @@ from worker.breaker import State
 from worker.service import Service
 from worker.standin import StandIn, StandInConfig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
 OUTAGE_S = float(os.environ.get("MW_OUTAGE_S", "600"))
 

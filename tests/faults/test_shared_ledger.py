@@ -13,7 +13,7 @@ from tests.integration.test_redis_ledger import counted
 from worker.service import Service
 from worker.standin import StandIn, StandInConfig
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["ledger", "no-ledger"])

@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from worker.outcome import Outcome
 from worker.pipeline import Verdict
-from worker.settings import CONFIG_ENV
 from worker.sink import StoreRequest
 
 JSON = "application/json"
-
-
-def isolate_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Hide MAHAVISHNU_* env vars and the repo's YAML files from `Settings`."""
-    for name in list(os.environ):
-        if name.upper().startswith("MAHAVISHNU_") or name == CONFIG_ENV:
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
 
 
 def item_dict(content: str = "the build passed", **metadata: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.fakes import Clock, FakeDelivery, FakeSink, isolate_settings, item_body, until
+from tests.unit.fakes import Clock, FakeDelivery, FakeSink, item_body, until
 from worker.breaker import CircuitBreaker, State
 from worker.ledger import UNCHECKED, Claim, NoLedger, Status
 from worker.metrics import Metrics
@@ -18,11 +18,6 @@ from worker.settings import CONFIG_ENV, LedgerSettings, Settings, SettingsError,
 from worker.topology import H_ATTEMPTS
 
 KEY = "k-1"
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_settings(monkeypatch, tmp_path)
 
 
 class FakeLedger:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 import worker.metrics
-from tests.unit.fakes import FakeSink, isolate_settings, item_dict, until
+from tests.unit.fakes import FakeSink, item_dict, until
 from worker.metrics import Metrics
 from worker.models import MemoryItem
 from worker.outcome import Kind, Outcome, Reason
@@ -26,11 +25,6 @@ ACT008_KEYS = {
     "average_latency_seconds_per_item",
     "max_concurrent_insertions",
 }
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_settings(monkeypatch, tmp_path)
 
 
 class Clock:

@@ -6,13 +6,12 @@ import asyncio
 import json
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from tests.unit.fakes import Clock, FakeDelivery, FakeSink, isolate_settings, item_body, until
+from tests.unit.fakes import Clock, FakeDelivery, FakeSink, item_body, until
 from worker.breaker import CircuitBreaker, State
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
@@ -21,11 +20,6 @@ from worker.outcome import Action, Decision, Kind, Outcome, Reason
 from worker.pipeline import NOT_ATTEMPTED, Dispatcher, Pipeline
 from worker.settings import Settings
 from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_settings(monkeypatch, tmp_path)
 
 
 def make_settings(**sections: dict[str, Any]) -> Settings:

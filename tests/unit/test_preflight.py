@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from structlog.testing import capture_logs
 
-from tests.unit.fakes import isolate_settings
 from worker.consumer import CONFIRM_TIMEOUT_S
 from worker.settings import Settings
 from worker.topology import (
@@ -21,11 +20,6 @@ from worker.topology import (
     management_queue_url,
     queue_problems,
 )
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_settings(monkeypatch, tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -77,6 +71,7 @@ def test_default_settings_pass_the_budget() -> None:
 
 
 def topology(queue_type: str = "quorum") -> Topology:
+    """The topology of the default settings, with this work queue type."""
     return Topology.from_settings(Settings(rabbitmq={"queue_type": queue_type}))
 
 
@@ -182,6 +177,8 @@ def test_management_url_names_the_vhost_and_queue(
 
 
 def mock(status: int, body: Any, seen: list[httpx.Request]) -> httpx.MockTransport:
+    """A management API answering `status` with `body` as JSON; requests land in `seen`."""
+
     def handle(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return httpx.Response(status, content=json.dumps(body).encode())
@@ -205,6 +202,7 @@ async def test_check_queue_policies_reads_with_basic_auth_and_refuses_on_a_diffe
 
 
 async def test_check_queue_policies_passes_an_agreeing_queue() -> None:
+    """A queue that agrees with the settings passes after one GET."""
     topo = topology()
     seen: list[httpx.Request] = []
     transport = mock(200, queue_json(topo), seen)
@@ -213,6 +211,7 @@ async def test_check_queue_policies_passes_an_agreeing_queue() -> None:
 
 
 async def test_check_queue_policies_refuses_bad_credentials() -> None:
+    """A 401 from the management API is refused, naming the status: the credentials are wrong."""
     topo = topology()
     with pytest.raises(TopologyError, match="HTTP 401"):
         await check_queue_policies(
@@ -221,15 +220,27 @@ async def test_check_queue_policies_refuses_bad_credentials() -> None:
 
 
 async def test_check_queue_policies_only_warns_when_the_api_does_not_answer() -> None:
-    """The management API is an aid: down or failing, the worker still starts."""
+    """The management API is an aid: down or failing, the check logs a warning, raises nothing."""
+    refused: list[httpx.Request] = []
 
     def refuse(request: httpx.Request) -> httpx.Response:
+        refused.append(request)
         raise httpx.ConnectError("refused", request=request)
 
     topo = topology()
-    await check_queue_policies(
-        "http://m:pw@mq:15672", "amqp://g:g@mq/", topo, transport=httpx.MockTransport(refuse)
-    )
-    await check_queue_policies(
-        "http://m:pw@mq:15672", "amqp://g:g@mq/", topo, transport=mock(503, {}, [])
-    )
+    failed: list[httpx.Request] = []
+    with capture_logs() as logs:
+        await check_queue_policies(
+            "http://m:pw@mq:15672", "amqp://g:g@mq/", topo, transport=httpx.MockTransport(refuse)
+        )
+        await check_queue_policies(
+            "http://m:pw@mq:15672", "amqp://g:g@mq/", topo, transport=mock(503, {}, failed)
+        )
+    assert len(refused) == len(failed) == 1
+    unreachable, failing = logs
+    assert unreachable["event"] == "management_api_unreachable"
+    assert unreachable["log_level"] == "warning" and "ConnectError" in unreachable["error"]
+    assert failing["event"] == "management_api_failed"
+    assert failing["log_level"] == "warning" and failing["status"] == 503
+    for entry in logs:
+        assert entry["url"] == "http://mq:15672/" and "pw" not in str(entry)

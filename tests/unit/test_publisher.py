@@ -125,6 +125,9 @@ async def test_publish_many_cancels_sends_when_the_input_fails():
     assert publisher.in_flight == 0
 
 
-def test_an_empty_batch_has_nothing_to_raise():
-    """A batch with no failures raises nothing."""
-    BatchResult((PublishResult(0, "k"),)).raise_for_failures()
+def test_a_batch_without_failures_raises_nothing():
+    """A batch whose items were all confirmed, or that had no items, raises nothing."""
+    confirmed = BatchResult((PublishResult(0, "k0"), PublishResult(1, "k1")))
+    assert confirmed.published == 2 and confirmed.failures == []
+    confirmed.raise_for_failures()
+    BatchResult(()).raise_for_failures()

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 
 import worker.cli
-from tests.unit.fakes import isolate_settings
 from worker.cli import EXIT_CONFIG, build_parser, settings_from_args
 from worker.outcome import RetryPolicy
 from worker.settings import CONFIG_ENV, SettingsError, load_settings
@@ -18,11 +17,6 @@ CONCURRENCY = "pools.max_concurrent_memory_insertions"
 CONCURRENCY_ENV = "MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS"
 PASSWORD = "s3cr3t-Pa55w0rd"
 SECRET_URL = f"amqp://memory:{PASSWORD}@broker.internal:5672/prod"
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    isolate_settings(monkeypatch, tmp_path)
 
 
 def write(path: Path, text: str) -> Path:

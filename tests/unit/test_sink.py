@@ -8,12 +8,10 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
 
-from tests.unit.fakes import isolate_settings
 from worker.models import decode_item
 from worker.outcome import Kind, Outcome
 from worker.settings import Settings, SinkSettings
@@ -582,11 +580,8 @@ def test_reflection_arguments_extra_tags_last() -> None:
 
 
 @pytest.mark.parametrize("token", ["tok-123", None])
-async def test_make_client_bearer_token(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, token: str | None
-) -> None:
+async def test_make_client_bearer_token(token: str | None) -> None:
     """make_client sends `authorization: Bearer <token>` only when sink.token is set."""
-    isolate_settings(monkeypatch, tmp_path)
     settings = Settings(sink={"token": token}, pools={"max_concurrent_memory_insertions": 3})
     client = make_client(settings)
     if token is None:
