@@ -274,6 +274,20 @@ def test_missing_config_file_is_a_settings_error(
         load_settings()
 
 
+def test_config_argument_replaces_env_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`load_settings(config=...)` reads its files instead of MEMORY_WORKER_CONFIG's, that once."""
+    use_files(monkeypatch, write(tmp_path / "env.yaml", "pools:\n  adaptive_concurrency: false\n"))
+    given = write(tmp_path / "given.yaml", "pools:\n  max_concurrent_memory_insertions: 7\n")
+    s = load_settings(config=str(given))
+    assert (s.concurrency, s.pools.adaptive_concurrency) == (7, True)
+    s = load_settings()
+    assert (s.concurrency, s.pools.adaptive_concurrency) == (10, False)
+    with pytest.raises(SettingsError, match=r"absent\.yaml"):
+        load_settings(config=f"{given}:{tmp_path / 'absent.yaml'}")
+
+
 @pytest.mark.parametrize(
     "text",
     ["pools: [unclosed\n", "pools:\n  max_concurrent_memory_insertions: 3\n bad: indent\n"],
