@@ -1,4 +1,4 @@
-"""The `memory-worker` command: run, check, demo. Exit codes are named below."""
+"""The `memory-worker` command: run, check, demo. Exit codes are in `worker.exitcodes`."""
 
 from __future__ import annotations
 
@@ -13,15 +13,9 @@ from typing import Any
 
 import structlog
 
+from worker.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_FORCED, EXIT_OK, EXIT_UNAVAILABLE
 from worker.logs import configure_logging
 from worker.settings import Settings, SettingsError, load_settings
-
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 69
-EXIT_CONFIG = 78
-EXIT_FORCED = 130
 
 log = structlog.get_logger("worker.cli")
 

@@ -33,20 +33,13 @@ from rich.progress import (
 from rich.table import Table
 
 from worker import dlq
-from worker.cli import (
-    EXIT_FAILED,
-    EXIT_OK,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
-    add_settings_flags,
-    run_async,
-)
+from worker.cli import add_settings_flags, run_async
+from worker.exitcodes import EXIT_DATAERR, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
 from worker.models import DecodeError, MemoryItem, decode_item
 from worker.publisher import BrokerUnreachable, PublishResult, connect, open_publisher
 from worker.settings import Settings
 from worker.topology import Topology
 
-EXIT_DATAERR = 65
 SHOWN_ERRORS = 20
 DETAIL_CHARS = 60
 ID_CHARS = 23  # 'sha256:' and 16 hex digits: unique enough to copy into show or --id

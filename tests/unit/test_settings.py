@@ -9,7 +9,8 @@ import pytest
 
 import worker.cli
 from tests.unit.fakes import isolate_settings
-from worker.cli import EXIT_CONFIG, build_parser, settings_from_args
+from worker.cli import build_parser, settings_from_args
+from worker.exitcodes import EXIT_CONFIG
 from worker.outcome import RetryPolicy
 from worker.settings import CONFIG_ENV, SettingsError, load_settings
 
