@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import worker.cli
 from tests.unit.fakes import isolate_settings
-from worker.cli import build_parser, settings_from_args
+from worker.cli import check, demo, main, run
+from worker.cli.app import build_parser
+from worker.cli.common import settings_from_args
 from worker.exitcodes import EXIT_CONFIG
 from worker.outcome import RetryPolicy
 from worker.settings import CONFIG_ENV, SettingsError, load_settings
@@ -204,7 +206,6 @@ def test_cli_flags_beat_env_and_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         "pools:\n  max_concurrent_memory_insertions: 3\nrabbitmq:\n  queue: yaml.q\n"
         "  dead_letter_queue: yaml.dlq\n",
     )
-    monkeypatch.setenv(CONFIG_ENV, "")  # restored at teardown; --config writes it
     monkeypatch.setenv(CONCURRENCY_ENV, "4")
     monkeypatch.setenv("MAHAVISHNU_RABBITMQ__QUEUE", "env.q")
     args = build_parser().parse_args(
@@ -215,6 +216,7 @@ def test_cli_flags_beat_env_and_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert s.rabbitmq.queue == "env.q"
     assert s.rabbitmq.dead_letter_queue == "yaml.dlq"
     assert s.sink.timeout_s == 1.5
+    assert CONFIG_ENV not in os.environ  # --config goes to load_settings, not the environment
 
 
 @pytest.mark.parametrize(
@@ -349,15 +351,16 @@ def no_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> int:
         raise AssertionError("the CLI tried to run a command despite invalid settings")
 
-    for name in ("cmd_run", "cmd_check", "cmd_demo", "run_async"):
-        monkeypatch.setattr(worker.cli, name, refuse)
+    for module, command in ((run, "cmd_run"), (check, "cmd_check"), (demo, "cmd_demo")):
+        monkeypatch.setattr(module, command, refuse)
+        monkeypatch.setattr(module, "run_async", refuse)
 
 
 @pytest.mark.parametrize("value", ["0", "51", "-1"])
 @pytest.mark.usefixtures("no_commands")
 def test_cli_rejects_bad_concurrency(capsys: pytest.CaptureFixture[str], value: str) -> None:
     """`run --concurrency N` outside 1..50 exits 78 naming the field, without connecting."""
-    assert worker.cli.main(["run", "--concurrency", value]) == EXIT_CONFIG == 78
+    assert main(["run", "--concurrency", value]) == EXIT_CONFIG == 78
     err = capsys.readouterr().err
     assert CONCURRENCY in err
     assert CONCURRENCY_ENV in err
@@ -369,7 +372,7 @@ def test_cli_rejects_bad_env_and_hides_password(
 ) -> None:
     """A bad env var also exits 78; the message names the field but not the broker password."""
     monkeypatch.setenv(CONCURRENCY_ENV, "51")
-    code = worker.cli.main(["check", "--rabbitmq-url", SECRET_URL])
+    code = main(["check", "--rabbitmq-url", SECRET_URL])
     captured = capsys.readouterr()
     assert code == EXIT_CONFIG
     assert CONCURRENCY in captured.err
@@ -381,8 +384,7 @@ def test_cli_missing_config_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--config` naming a missing file exits 78 and names the file."""
-    monkeypatch.setenv(CONFIG_ENV, "")  # restored at teardown; --config writes it
-    code = worker.cli.main(["run", "--config", str(tmp_path / "absent.yaml")])
+    code = main(["run", "--config", str(tmp_path / "absent.yaml")])
     assert code == EXIT_CONFIG
     assert "absent.yaml" in capsys.readouterr().err
 
@@ -393,6 +395,5 @@ def test_cli_malformed_yaml_exits_config(
 ) -> None:
     """A settings file that is not valid YAML exits 78 with a message, not a traceback."""
     broken = write(tmp_path / "broken.yaml", "pools: [unclosed\n")
-    monkeypatch.setenv(CONFIG_ENV, "")  # restored at teardown; --config writes it
-    assert worker.cli.main(["run", "--config", str(broken)]) == EXIT_CONFIG
+    assert main(["run", "--config", str(broken)]) == EXIT_CONFIG
     assert "broken.yaml" in capsys.readouterr().err
