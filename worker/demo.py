@@ -20,13 +20,12 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from worker.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
 from worker.publisher import Publisher
 from worker.service import Service, masked
 from worker.settings import Settings
 from worker.standin import StandIn, StandInConfig
 from worker.topology import H_DETAIL, H_REASON, Topology
-
-EXIT_UNAVAILABLE = 69
 
 
 def sample_item(n: int) -> dict[str, Any]:
@@ -166,7 +165,7 @@ async def _run(
         f"inserting, {insertion['average_latency_seconds_per_item'] * 1000:.2f} ms per item, "
         f"concurrency {insertion['max_concurrent_insertions']}."
     )
-    return 0
+    return EXIT_OK
 
 
 async def _report(

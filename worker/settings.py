@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,8 @@ from worker.outcome import RetryPolicy
 
 DEFAULT_FILES = (Path("settings/mahavishnu.yaml"), Path("settings/local.yaml"))
 CONFIG_ENV = "MEMORY_WORKER_CONFIG"
+# load_settings' `config`, for the Settings it builds: pydantic-settings asks the class for sources.
+_config: ContextVar[str | None] = ContextVar("_config", default=None)
 
 
 class PoolsSettings(BaseModel):
@@ -263,8 +266,7 @@ class Settings(BaseSettings):
 
 
 def _config_files() -> list[Path]:
-    explicit = os.environ.get(CONFIG_ENV)
-    if explicit:
+    if explicit := _config.get() or os.environ.get(CONFIG_ENV):
         return [Path(p) for p in explicit.split(os.pathsep) if p]
     return [p for p in DEFAULT_FILES if p.exists()]
 
@@ -273,17 +275,20 @@ class SettingsError(Exception):
     """Invalid settings; the message names every offending field."""
 
 
-def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
-    """Load settings from all sources, raising `SettingsError` with readable field names."""
-    for path in _config_files():
-        if not path.is_file():
-            raise SettingsError(f"settings file {path}: not found")
+def load_settings(overrides: dict[str, Any] | None = None, config: str | None = None) -> Settings:
+    """Load every source (`config`: files, as MEMORY_WORKER_CONFIG); raises `SettingsError`."""
+    token = _config.set(config)
     try:
+        for path in _config_files():
+            if not path.is_file():
+                raise SettingsError(f"settings file {path}: not found")
         return Settings(**(overrides or {}))
     except PydanticValidationError as exc:
         raise SettingsError(_describe(exc)) from None
     except (OSError, ValueError, yaml.YAMLError) as exc:  # unreadable or malformed YAML
         raise SettingsError(f"settings files: {exc}") from None
+    finally:
+        _config.reset(token)
 
 
 def _describe(exc: PydanticValidationError) -> str:

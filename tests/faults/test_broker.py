@@ -30,7 +30,7 @@ from tests.integration.helpers import (
     wait_until,
     worker_env,
 )
-from worker.cli import EXIT_CONFIG
+from worker.exitcodes import EXIT_CONFIG, EXIT_UNAVAILABLE
 from worker.publisher import Publisher
 from worker.service import Service
 from worker.settings import Settings
@@ -39,7 +39,6 @@ from worker.topology import Topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
-EXIT_UNAVAILABLE = 69
 RECOVERY_EVENTS = (
     "consumer_cancelled_by_broker",
     "consumer_recovery_failed",

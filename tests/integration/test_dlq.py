@@ -15,7 +15,8 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from tests.integration.helpers import depth, item, publish_items, take_all, worker_env
-from worker import commands, dlq
+from worker import dlq
+from worker.cli import dlq_change
 from worker.models import idempotency_key
 from worker.outcome import Reason
 from worker.service import Service
@@ -416,19 +417,10 @@ async def test_purge_removes_what_was_confirmed_not_what_arrived_since(
         late.extend(await add_dead_letters(connection, topology, 1, start=6))
         return "6 dead letter" in question
 
-    monkeypatch.setattr(commands, "_confirm", confirm)
-    parser = commands_parser()
-    args = parser.parse_args(["dlq", "purge", "--all"])
-    assert await commands._purge(args, settings) == 0
+    monkeypatch.setattr(dlq_change, "_confirm", confirm)
+    assert await dlq_change.purge(settings, dlq.Filter(), yes=False, limit=None) == 0
     assert await ids_in(connection, topology.dead_letter_queue) == late
     assert len(set(ids) | set(late)) == 7
-
-
-def commands_parser() -> Any:
-    """The real `memory-worker` parser."""
-    from worker.cli import build_parser
-
-    return build_parser()
 
 
 async def test_missing_dead_letter_queue_is_reported(make_settings):

@@ -13,7 +13,7 @@ from tests.integration.helpers import (
     wait_until,
     worker_env,
 )
-from worker.cli import EXIT_CONFIG
+from worker.exitcodes import EXIT_CONFIG
 from worker.service import Service
 from worker.standin import StandIn
 

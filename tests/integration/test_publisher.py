@@ -20,6 +20,7 @@ from aio_pika.abc import AbstractRobustConnection
 from pydantic import SecretStr
 
 from tests.integration.helpers import depth, item, take_all, worker_env
+from worker.exitcodes import EXIT_DATAERR, EXIT_UNAVAILABLE
 from worker.models import DecodeError, encode_item, idempotency_key, item_from_dict
 from worker.publisher import (
     BlockingPublisher,
@@ -359,7 +360,7 @@ async def test_cli_bad_lines_block_the_whole_file(make_settings, connection, tmp
     settings, topology = await declared(make_settings, connection)
     lines = [json.dumps(item(0)), '{"content": "cut', json.dumps(item(2)), '{"content": "x"}']
     code, out, err = await publish_cli(settings, str(write_lines(tmp_path / "a.jsonl", lines)))
-    assert code == 65 and out == ""
+    assert code == EXIT_DATAERR and out == ""
     assert "line 2: invalid_json" in err and "line 4: schema: metadata" in err
     assert "nothing published: 2 invalid line(s)" in err
     assert await depth(connection, topology.queue) == 0
@@ -391,4 +392,4 @@ async def test_cli_without_a_broker_exits_69(make_settings):
     """No broker answering: exit 69 with the address in the message."""
     settings = unreachable(make_settings())
     code, _, err = await publish_cli(settings, stdin=json.dumps(item(0)).encode())
-    assert code == 69 and "127.0.0.1:1" in err
+    assert code == EXIT_UNAVAILABLE and "127.0.0.1:1" in err

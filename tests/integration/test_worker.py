@@ -16,6 +16,7 @@ from tests.integration.helpers import (
     wait_until,
     worker_env,
 )
+from worker.exitcodes import EXIT_CONFIG
 from worker.outcome import Reason
 from worker.publisher import Publisher
 from worker.service import Service
@@ -246,7 +247,7 @@ async def test_queue_with_other_arguments_is_refused_with_a_clear_message(
         await channel.declare_queue(settings.rabbitmq.queue, durable=True)
     process = await start_worker_process(worker_env(settings))
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 78
+    assert process.returncode == EXIT_CONFIG
     assert f"queue '{settings.rabbitmq.queue}' already exists with other arguments" in (
         stderr.decode()
     )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import worker.cli
-from worker.cli import EXIT_CONFIG, build_parser, settings_from_args
+from worker.cli import check, demo, main, run
+from worker.cli.app import build_parser
+from worker.cli.common import settings_from_args
+from worker.exitcodes import EXIT_CONFIG
 from worker.outcome import RetryPolicy
 from worker.settings import CONFIG_ENV, SettingsError, load_settings
 
@@ -197,7 +200,6 @@ def test_cli_flags_beat_env_and_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: 
         "pools:\n  max_concurrent_memory_insertions: 3\nrabbitmq:\n  queue: yaml.q\n"
         "  dead_letter_queue: yaml.dlq\n",
     )
-    monkeypatch.setenv(CONFIG_ENV, "")  # restored at teardown; --config writes it
     monkeypatch.setenv(CONCURRENCY_ENV, "4")
     monkeypatch.setenv("MAHAVISHNU_RABBITMQ__QUEUE", "env.q")
     args = build_parser().parse_args(
@@ -208,6 +210,7 @@ def test_cli_flags_beat_env_and_yaml(monkeypatch: pytest.MonkeyPatch, tmp_path: 
     assert s.rabbitmq.queue == "env.q"
     assert s.rabbitmq.dead_letter_queue == "yaml.dlq"
     assert s.sink.timeout_s == 1.5
+    assert CONFIG_ENV not in os.environ  # --config goes to load_settings, not the environment
 
 
 @pytest.mark.parametrize(
@@ -266,6 +269,20 @@ def test_missing_config_file_is_a_settings_error(
     use_files(monkeypatch, tmp_path / "nowhere.yaml")
     with pytest.raises(SettingsError, match=r"nowhere\.yaml"):
         load_settings()
+
+
+def test_config_argument_replaces_env_files(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """`load_settings(config=...)` reads its files instead of MEMORY_WORKER_CONFIG's, that once."""
+    use_files(monkeypatch, write(tmp_path / "env.yaml", "pools:\n  adaptive_concurrency: false\n"))
+    given = write(tmp_path / "given.yaml", "pools:\n  max_concurrent_memory_insertions: 7\n")
+    s = load_settings(config=str(given))
+    assert (s.concurrency, s.pools.adaptive_concurrency) == (7, True)
+    s = load_settings()
+    assert (s.concurrency, s.pools.adaptive_concurrency) == (10, False)
+    with pytest.raises(SettingsError, match=r"absent\.yaml"):
+        load_settings(config=f"{given}:{tmp_path / 'absent.yaml'}")
 
 
 @pytest.mark.parametrize(
@@ -328,15 +345,16 @@ def no_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> int:
         raise AssertionError("the CLI tried to run a command despite invalid settings")
 
-    for name in ("cmd_run", "cmd_check", "cmd_demo", "run_async"):
-        monkeypatch.setattr(worker.cli, name, refuse)
+    for module, command in ((run, "cmd_run"), (check, "cmd_check"), (demo, "cmd_demo")):
+        monkeypatch.setattr(module, command, refuse)
+        monkeypatch.setattr(module, "run_async", refuse)
 
 
 @pytest.mark.parametrize("value", ["0", "51", "-1"])
 @pytest.mark.usefixtures("no_commands")
 def test_cli_rejects_bad_concurrency(capsys: pytest.CaptureFixture[str], value: str) -> None:
     """`run --concurrency N` outside 1..50 exits 78 naming the field, without connecting."""
-    assert worker.cli.main(["run", "--concurrency", value]) == EXIT_CONFIG == 78
+    assert main(["run", "--concurrency", value]) == EXIT_CONFIG == 78
     err = capsys.readouterr().err
     assert CONCURRENCY in err
     assert CONCURRENCY_ENV in err
@@ -348,7 +366,7 @@ def test_cli_rejects_bad_env_and_hides_password(
 ) -> None:
     """A bad env var also exits 78; the message names the field but not the broker password."""
     monkeypatch.setenv(CONCURRENCY_ENV, "51")
-    code = worker.cli.main(["check", "--rabbitmq-url", SECRET_URL])
+    code = main(["check", "--rabbitmq-url", SECRET_URL])
     captured = capsys.readouterr()
     assert code == EXIT_CONFIG
     assert CONCURRENCY in captured.err
@@ -360,8 +378,7 @@ def test_cli_missing_config_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """`--config` naming a missing file exits 78 and names the file."""
-    monkeypatch.setenv(CONFIG_ENV, "")  # restored at teardown; --config writes it
-    code = worker.cli.main(["run", "--config", str(tmp_path / "absent.yaml")])
+    code = main(["run", "--config", str(tmp_path / "absent.yaml")])
     assert code == EXIT_CONFIG
     assert "absent.yaml" in capsys.readouterr().err
 
@@ -372,6 +389,5 @@ def test_cli_malformed_yaml_exits_config(
 ) -> None:
     """A settings file that is not valid YAML exits 78 with a message, not a traceback."""
     broken = write(tmp_path / "broken.yaml", "pools: [unclosed\n")
-    monkeypatch.setenv(CONFIG_ENV, "")  # restored at teardown; --config writes it
-    assert worker.cli.main(["run", "--config", str(broken)]) == EXIT_CONFIG
+    assert main(["run", "--config", str(broken)]) == EXIT_CONFIG
     assert "broken.yaml" in capsys.readouterr().err

@@ -1,0 +1,124 @@
+"""What the subcommands share: settings flags, argument types, the event-loop runner, output."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeAlias
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from worker import dlq
+from worker.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
+from worker.publisher import BrokerUnreachable
+from worker.settings import Settings, load_settings
+
+# What `add_subparsers` returns; each subcommand module registers itself on it.
+Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+# flag, settings path, type, help
+FLAGS: tuple[tuple[str, tuple[str, str], Callable[[str], Any], str], ...] = (
+    ("--concurrency", ("pools", "max_concurrent_memory_insertions"), int, "inserts at once"),
+    ("--session-buddy-url", ("pools", "session_buddy_url"), str, "Session-Buddy MCP URL"),
+    ("--rabbitmq-url", ("rabbitmq", "url"), str, "amqp://user:pass@host:port/vhost"),
+    ("--queue", ("rabbitmq", "queue"), str, "work queue"),
+    ("--dead-letter-queue", ("rabbitmq", "dead_letter_queue"), str, "dead-letter queue"),
+    ("--sink", ("sink", "kind"), str, "mcp or http"),
+    ("--timeout-s", ("sink", "timeout_s"), float, "per-item timeout"),
+    ("--grace-s", ("worker", "grace_s"), float, "shutdown grace period"),
+    ("--ops-port", ("worker", "ops_port"), int, "ops HTTP port (0: any free port, -1: off)"),
+    ("--log-format", ("worker", "log_format"), str, "auto, json or console"),
+)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags that override settings, shared by every subcommand."""
+    group = parser.add_argument_group("settings (override YAML and MAHAVISHNU_* env vars)")
+    group.add_argument("--config", help="YAML settings file(s), separated by ':'")
+    for flag, _, kind, text in FLAGS:
+        group.add_argument(flag, type=kind, help=text)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Load settings with the CLI flags on top."""
+    overrides: dict[str, dict[str, Any]] = {}
+    for flag, (section, field), _, _ in FLAGS:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        if value is not None:
+            overrides.setdefault(section, {})[field] = value
+    return load_settings(overrides, config=getattr(args, "config", None))
+
+
+def positive_int(text: str) -> int:
+    """An argument type: an integer of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argument type: a number greater than 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return value
+
+
+def run_async(main: Coroutine[Any, Any, int]) -> int:
+    """Run a coroutine on uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def run_tool(main: Coroutine[Any, Any, int]) -> int:
+    """Run a `publish` or `dlq` coroutine; a closed stdout, no broker or a DLQ error end it."""
+    try:
+        return run_async(main)
+    except BrokenPipeError:
+        # The reader (`| head`) has what it wanted; Python would otherwise complain at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+    except (BrokerUnreachable, dlq.DlqError) as exc:
+        Console(stderr=True).print(f"[red]memory-worker:[/] {escape(str(exc))}")
+        return EXIT_UNAVAILABLE if isinstance(exc, BrokerUnreachable) else EXIT_FAILED
+
+
+@contextmanager
+def progress(console: Console, description: str, total: int) -> Iterator[Any]:
+    """A progress bar on stderr; yields a function that advances it to a count."""
+    if not console.is_terminal:
+        # Scripts read stdout; a bar redrawn into a pipe or log is only noise.
+        yield lambda done, new_total=None: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as bar:
+        task = bar.add_task(description, total=total)
+
+        def update(done: int, new_total: int | None = None) -> None:
+            bar.update(task, completed=done, total=new_total or total)
+
+        yield update
