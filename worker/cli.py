@@ -8,12 +8,13 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
 
 from worker.logs import configure_logging
+from worker.runner import run as run_async
 from worker.settings import Settings, SettingsError, load_settings
 
 EXIT_OK = 0
@@ -58,16 +59,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if value is not None:
             overrides.setdefault(section, {})[field] = value
     return load_settings(overrides)
-
-
-def run_async(main: Coroutine[Any, Any, int]) -> int:
-    """Run a coroutine on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 async def _run(settings: Settings) -> int:

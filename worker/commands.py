@@ -39,10 +39,10 @@ from worker.cli import (
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     add_settings_flags,
-    run_async,
 )
 from worker.models import DecodeError, MemoryItem, decode_item
 from worker.publisher import BrokerUnreachable, PublishResult, connect, open_publisher
+from worker.runner import run
 from worker.settings import Settings
 from worker.topology import Topology
 
@@ -152,7 +152,7 @@ def _filter(args: argparse.Namespace) -> dlq.Filter:
 
 def _run(main: Coroutine[Any, Any, int]) -> int:
     try:
-        return run_async(main)
+        return run(main)
     except BrokenPipeError:
         # The reader (`| head`) has what it wanted; Python would otherwise complain at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
