@@ -16,7 +16,7 @@ from tests.integration.helpers import publish_items, wait_until
 from worker.ledger import STORED, RedisLedger, Status
 from worker.metrics import Metrics
 from worker.service import Service
-from worker.standin import StandIn
+from worker.testing import StandIn
 
 pytestmark = pytest.mark.integration
 
