@@ -1,9 +1,8 @@
-"""Test doubles shared by the unit tests: a controllable sink, a recording delivery, items."""
+"""Test doubles shared by the unit tests: a controllable sink, a recording delivery."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -26,25 +25,6 @@ def isolate_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
         if name.upper().startswith("MAHAVISHNU_") or name == CONFIG_ENV:
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
-
-
-def item_dict(content: str = "the build passed", **metadata: Any) -> dict[str, Any]:
-    """A valid memory item as a dict; keyword arguments change or add metadata keys."""
-    meta: dict[str, Any] = {
-        "type": "task_result",
-        "pool_id": "pool-1",
-        "pool_type": "local",
-        "worker_id": "w-7",
-        "status": "completed",
-        "timestamp": 1_717_171_717.25,
-    }
-    meta.update(metadata)
-    return {"content": content, "metadata": meta}
-
-
-def item_body(content: str = "the build passed", **metadata: Any) -> bytes:
-    """A valid memory item encoded as a message body."""
-    return json.dumps(item_dict(content, **metadata)).encode()
 
 
 class FakeSink:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.unit.fakes import Clock, FakeDelivery, FakeSink, isolate_settings, item_body, until
+from tests.unit.fakes import Clock, FakeDelivery, FakeSink, isolate_settings, until
 from worker.breaker import CircuitBreaker, State
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
@@ -20,6 +20,7 @@ from worker.models import idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, Reason
 from worker.pipeline import NOT_ATTEMPTED, Dispatcher, Pipeline
 from worker.settings import Settings
+from worker.testing.items import item_body
 from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 
 
