@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import secrets
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +35,8 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.models import decode_item
 from worker.settings import Settings
+from worker.settings_env import ENV_PREFIX, settings_env
+from worker.testing import free_port, valid_item
 from worker.topology import Topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,14 +59,6 @@ class BenchError(Exception):
 def unique_name() -> str:
     """A fresh broker name prefix, e.g. `bench-3f9a0c1d2e`."""
     return f"bench-{secrets.token_hex(5)}"
-
-
-def free_port() -> int:
-    """A TCP port on loopback that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def percentiles(values: Iterable[float], points: Iterable[float] = (50, 95, 99)) -> list[float]:
@@ -388,25 +380,16 @@ def worker_env(
     Adaptive concurrency keeps the committed default (on, within [1, c]) unless `adaptive`
     sets it: a run measures memory-worker as a user gets it unless its label says otherwise.
     """
-    mq = settings.rabbitmq
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MAHAVISHNU_")}
-    env.update(
-        {
-            # Only the committed settings: a developer's settings/local.yaml must not leak in.
-            "MEMORY_WORKER_CONFIG": str(COMMITTED_SETTINGS),
-            "MAHAVISHNU_RABBITMQ__URL": mq.url.get_secret_value(),
-            "MAHAVISHNU_RABBITMQ__EXCHANGE": mq.exchange,
-            "MAHAVISHNU_RABBITMQ__QUEUE": mq.queue,
-            "MAHAVISHNU_RABBITMQ__DEAD_LETTER_QUEUE": mq.dead_letter_queue,
-            "MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S": str(mq.startup_wait_s),
-            "MAHAVISHNU_RETRY__TIERS_S": json.dumps(settings.retry.tiers_s),
-            "MAHAVISHNU_POOLS__SESSION_BUDDY_URL": str(settings.pools.session_buddy_url),
-            "MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS": str(settings.concurrency),
-            "MAHAVISHNU_WORKER__GRACE_S": str(settings.worker.grace_s),
-            "MAHAVISHNU_WORKER__LOG_FORMAT": "json",
-            "MAHAVISHNU_WORKER__LOG_LEVEL": log_level,
-        }
-    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    # Only the committed settings: a developer's settings/local.yaml must not leak in.
+    env["MEMORY_WORKER_CONFIG"] = str(COMMITTED_SETTINGS)
+    env.update(settings_env(settings))
+    env["MAHAVISHNU_WORKER__LOG_FORMAT"] = "json"
+    env["MAHAVISHNU_WORKER__LOG_LEVEL"] = log_level
+    # The committed YAML decides the queue type and, unless the run sets it, adaptation; the
+    # ops port is each worker process's own (WorkerProcess.start).
+    for name in ("RABBITMQ__QUEUE_TYPE", "POOLS__ADAPTIVE_CONCURRENCY", "WORKER__OPS_PORT"):
+        del env[ENV_PREFIX + name]
     if adaptive is not None:
         env["MAHAVISHNU_POOLS__ADAPTIVE_CONCURRENCY"] = str(adaptive).lower()
     return env
@@ -470,19 +453,15 @@ class BenchQueues:
 
 def item_body(run: str, seq: int) -> bytes:
     """A valid memory item of ~150 characters of content, unique per (run, seq)."""
-    item = {
-        "content": f"[{run} #{seq}] {FILLER}",
-        "metadata": {
-            "type": "task_result",
-            "pool_id": "bench-pool",
-            "pool_type": "mahavishnu",
-            "worker_id": f"pool-worker-{seq % 8}",
-            "status": "completed",
-            "timestamp": 1_764_000_000.0 + seq,
-            "duration_seconds": 1.5,
-            "exit_code": 0,
-        },
-    }
+    item = valid_item(
+        f"[{run} #{seq}] {FILLER}",
+        pool_id="bench-pool",
+        pool_type="mahavishnu",
+        worker_id=f"pool-worker-{seq % 8}",
+        timestamp=1_764_000_000.0 + seq,
+        duration_seconds=1.5,
+        exit_code=0,
+    )
     return orjson.dumps(item)
 
 
