@@ -49,23 +49,13 @@ from rich.progress import (
 )
 
 from loadtest import report
-from loadtest.harness import (
-    COMMITTED_SETTINGS,
-    PEERS,
-    ROOT,
-    BenchError,
-    SessionBuddyProcess,
-    StandInProcess,
-    check_item_body,
-    connect,
-    cpu_s_of,
-    item_body,
-    machine,
-    mcp_tool_text,
-    percentiles,
-    session_buddy_home,
-)
-from loadtest.runs import Bench, RunSpec, Sink, py_spy, run_or_raise
+from loadtest.broker import check_item_body, connect, item_body
+from loadtest.common import COMMITTED_SETTINGS, ROOT, BenchError, machine, percentiles
+from loadtest.context import Bench, RunSpec, Sink
+from loadtest.procs import StandInProcess, cpu_s_of, py_spy
+from loadtest.real_sink import SessionBuddyProcess, mcp_tool_text, session_buddy_home
+from loadtest.runs import run_or_raise
+from loadtest.workers import PEERS
 from worker.models import MemoryItem, item_from_dict
 from worker.outcome import Kind
 from worker.service import MemoryInserter
