@@ -1,14 +1,14 @@
-"""The stand-in Session-Buddy for benchmarks: `worker.standin` plus per-key arrival times.
+"""The stand-in Session-Buddy for benchmarks: `worker.testing`'s stand-in plus per-key arrivals.
 
-`python -m loadtest.standin --port P` serves exactly what `python -m worker.standin` serves and
+`python -m loadtest.standin --port P` serves exactly what `python -m worker.testing` serves and
 also records when each idempotency key was stored (CLOCK_MONOTONIC, which every process on the
 machine shares), so the runner can compute end-to-end latency per item and throughput over any
 window, and when each of those calls reached it, so a store's latency inside the sink (any wait
 for capacity plus the service time) is known whichever worker made the call. The arrivals are
 served on a second loopback port (`GET /arrivals` answers `{"keys": [...], "t": [...],
-"received": [...]}` for rows stored since the last reset) so that this file hooks into two
-methods of the stand-in, `_tools_call` and `_store`. It prints the MCP URL, then the arrivals URL.
-Every other knob is set through the stand-in's own `/_standin/*` control routes.
+"received": [...]}` for rows stored since the last reset), recorded through the stand-in's
+`on_store` hook. It prints the MCP URL, then the arrivals URL. Every other knob is set through
+the stand-in's own `/_standin/*` control routes.
 """
 
 from __future__ import annotations
@@ -18,24 +18,19 @@ import asyncio
 import signal
 import sys
 import time
-from contextvars import ContextVar
-from typing import Any
 
 import orjson
-import uvloop
 from aiohttp import web
 
-from worker.standin import StandIn, StandInConfig
-
-# When the store call being served reached the stand-in: each request is its own task.
-_received: ContextVar[float] = ContextVar("received", default=float("nan"))
+from worker.runner import run
+from worker.testing import StandIn, StandInConfig, StoreCall
 
 
 class BenchStandIn(StandIn):
     """A stand-in that remembers when each key was stored and keeps no rows."""
 
     def __init__(self, config: StandInConfig, host: str, port: int) -> None:
-        super().__init__(config, host=host, port=port)
+        super().__init__(config, host=host, port=port, on_store=self._arrived)
         self._arrival_keys: list[str] = []
         self._arrival_t: list[float] = []
         self._arrival_received: list[float] = []
@@ -47,18 +42,11 @@ class BenchStandIn(StandIn):
         self._arrival_t = []
         self._arrival_received = []
 
-    async def _tools_call(self, request: web.Request, params: object) -> Any:
-        _received.set(time.monotonic())
-        return await super()._tools_call(request, params)
-
-    def _store(
-        self, content: str, tags: list[str], key: str | None, row: dict[str, Any]
-    ) -> list[str]:
-        stored_tags = super()._store(content, tags, key, row)
-        self._arrival_keys.append(key or "")
+    async def _arrived(self, call: StoreCall) -> None:
+        """Record the store about to be made; the stand-in then stores it as usual."""
+        self._arrival_keys.append(call.key or "")
         self._arrival_t.append(time.monotonic())
-        self._arrival_received.append(_received.get())
-        return stored_tags
+        self._arrival_received.append(call.received)
 
     async def arrivals(self, _: web.Request) -> web.Response:
         """Keys, store times and call arrival times since the last reset, in store order."""
@@ -94,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.standin", description=__doc__)
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     args = parser.parse_args(argv)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(_serve(args.port))
+    run(_serve(args.port))
     return 0
 
 

@@ -24,26 +24,23 @@ from worker.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
 from worker.publisher import Publisher
 from worker.service import Service, masked
 from worker.settings import Settings
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig, valid_item
 from worker.topology import H_DETAIL, H_REASON, Topology
 
 
 def sample_item(n: int) -> dict[str, Any]:
     """One memory item as a Mahavishnu pool produces it."""
     pool = f"pool-{n % 3}"
-    return {
-        "content": f"Task {n} finished: refactored module {n % 17} and ran its tests.",
-        "metadata": {
-            "type": "task_result",
-            "pool_id": pool,
-            "pool_type": "mahavishnu",
-            "worker_id": f"{pool}-worker-{n % 4}",
-            "status": "completed" if n % 10 else "failed",
-            "timestamp": time.time(),
-            "duration_seconds": 1.5 + n % 7,
-            "exit_code": 0 if n % 10 else 1,
-        },
-    }
+    return valid_item(
+        f"Task {n} finished: refactored module {n % 17} and ran its tests.",
+        pool_id=pool,
+        pool_type="mahavishnu",
+        worker_id=f"{pool}-worker-{n % 4}",
+        status="completed" if n % 10 else "failed",
+        timestamp=time.time(),
+        duration_seconds=1.5 + n % 7,
+        exit_code=0 if n % 10 else 1,
+    )
 
 
 def broken_messages() -> list[tuple[bytes, str | None]]:

@@ -26,6 +26,8 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
+from worker.testing import free_port
+
 BOOT_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 60.0
 CTL_TIMEOUT_S = 60.0
@@ -54,14 +56,6 @@ def server_script() -> Path | None:
             if script.exists() and script.with_name("rabbitmqctl").exists():
                 return script
     return None
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _die_with_parent() -> None:

@@ -10,7 +10,7 @@ from urllib.parse import unquote, urlparse, urlunparse
 from aio_pika.abc import AbstractIncomingMessage
 
 from tests.integration.helpers import depth, take_all
-from worker.standin import StandIn
+from worker.testing import StandIn
 from worker.topology import H_REASON, Topology
 
 FAST_RECONNECT = "reconnect_interval=0.5"

@@ -34,7 +34,7 @@ from worker.exitcodes import EXIT_CONFIG, EXIT_UNAVAILABLE
 from worker.publisher import Publisher
 from worker.service import Service
 from worker.settings import Settings
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 from worker.topology import Topology
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]

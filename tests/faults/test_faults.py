@@ -44,7 +44,7 @@ from worker.publisher import Publisher
 from worker.service import Service
 from worker.settings import Settings
 from worker.sink import HttpSink, McpSink, StoreRequest
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 from worker.topology import H_ATTEMPTS, H_DETAIL, H_REASON, Topology
 from worker.transport import HttpClient, make_client
 

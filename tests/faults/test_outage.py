@@ -16,7 +16,7 @@ from tests.faults.ledger import drained, tally
 from tests.integration.helpers import depth, publish_items, wait_until
 from worker.breaker import State
 from worker.service import Service
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 

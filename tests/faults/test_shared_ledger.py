@@ -11,7 +11,7 @@ from tests.faults.ledger import Proxy, broker_address, drained, tally, via
 from tests.integration.helpers import publish_items, start_worker_process, wait_until, worker_env
 from tests.integration.test_redis_ledger import counted
 from worker.service import Service
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

@@ -14,22 +14,20 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from worker.publisher import Publisher
 from worker.settings import Settings
+from worker.settings_env import settings_env
+from worker.testing.items import valid_item
 from worker.topology import Topology
 
 
 def item(n: int, pool: str = "pool-1", content: str | None = None) -> dict[str, Any]:
     """A valid memory item."""
-    return {
-        "content": content if content is not None else f"memory item {n}",
-        "metadata": {
-            "type": "task_result",
-            "pool_id": pool,
-            "pool_type": "mahavishnu",
-            "worker_id": f"w-{n % 3}",
-            "status": "completed",
-            "timestamp": 1_764_000_000.0 + n,
-        },
-    }
+    return valid_item(
+        content if content is not None else f"memory item {n}",
+        pool_id=pool,
+        pool_type="mahavishnu",
+        worker_id=f"w-{n % 3}",
+        timestamp=1_764_000_000.0 + n,
+    )
 
 
 async def publish_items(
@@ -76,25 +74,11 @@ async def take_all(
 
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     """Environment that makes `memory-worker run` use these settings."""
-    env = dict(os.environ)
-    mq, pools = settings.rabbitmq, settings.pools
-    env.update(
-        {
-            "MAHAVISHNU_RABBITMQ__URL": mq.url.get_secret_value(),
-            "MAHAVISHNU_RABBITMQ__EXCHANGE": mq.exchange,
-            "MAHAVISHNU_RABBITMQ__QUEUE": mq.queue,
-            "MAHAVISHNU_RABBITMQ__DEAD_LETTER_QUEUE": mq.dead_letter_queue,
-            "MAHAVISHNU_RABBITMQ__QUEUE_TYPE": mq.queue_type,
-            "MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S": "5",
-            "MAHAVISHNU_POOLS__SESSION_BUDDY_URL": str(pools.session_buddy_url),
-            "MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS": str(settings.concurrency),
-            "MAHAVISHNU_POOLS__ADAPTIVE_CONCURRENCY": str(pools.adaptive_concurrency).lower(),
-            "MAHAVISHNU_RETRY__TIERS_S": "[" + ",".join(map(str, settings.retry.tiers_s)) + "]",
-            "MAHAVISHNU_WORKER__GRACE_S": str(settings.worker.grace_s),
-            "MAHAVISHNU_WORKER__OPS_PORT": "-1",
-            "MAHAVISHNU_WORKER__LOG_FORMAT": "json",
-        }
-    )
+    env = {**os.environ, **settings_env(settings)}
+    # Fixed for every worker a test starts, whatever the test's settings say.
+    env["MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S"] = "5"
+    env["MAHAVISHNU_WORKER__OPS_PORT"] = "-1"
+    env["MAHAVISHNU_WORKER__LOG_FORMAT"] = "json"
     env.update(extra)
     return env
 

@@ -10,7 +10,7 @@ import pytest
 from tests.integration.helpers import publish_items, wait_until
 from worker.service import Service
 from worker.settings import Settings
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 
 pytestmark = pytest.mark.integration
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from tests.integration.helpers import worker_env
-from worker.standin import StandIn
+from worker.testing import StandIn
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ from structlog.testing import capture_logs
 
 from tests.integration.helpers import publish_items, wait_until
 from worker.service import Service
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 from worker.topology import Topology
 
 pytestmark = pytest.mark.integration

@@ -21,7 +21,7 @@ from worker.models import idempotency_key
 from worker.outcome import Reason
 from worker.service import Service
 from worker.settings import Settings
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 from worker.topology import (
     H_ATTEMPTS,
     H_DETAIL,

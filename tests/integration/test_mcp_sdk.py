@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,17 +20,11 @@ from mcp.server.transport_security import TransportSecuritySettings
 from worker.outcome import Kind
 from worker.settings import Settings, SinkSettings, load_settings
 from worker.sink import McpSink, StoreRequest
+from worker.testing import free_port
 from worker.transport import Http1Client, make_client
 
 STORED_TEXT = "💾 Reflection stored successfully!"
 EMPTY_TEXT = "❌ Validation error: Store reflection - content cannot be empty"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class SdkServer:
@@ -39,7 +32,7 @@ class SdkServer:
 
     def __init__(self) -> None:
         self.calls: list[dict[str, Any]] = []
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/mcp"
         self.mcp: MCPServer[Any] = MCPServer("session-buddy-sdk", log_level="WARNING")
         self._server: uvicorn.Server | None = None

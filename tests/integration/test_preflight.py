@@ -15,7 +15,7 @@ from tests.integration.helpers import (
 )
 from worker.exitcodes import EXIT_CONFIG
 from worker.service import Service
-from worker.standin import StandIn
+from worker.testing import StandIn
 
 pytestmark = pytest.mark.integration
 

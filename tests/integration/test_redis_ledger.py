@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
@@ -16,7 +15,7 @@ from tests.integration.helpers import publish_items, wait_until
 from worker.ledger import STORED, RedisLedger, Status
 from worker.metrics import Metrics
 from worker.service import Service
-from worker.standin import StandIn
+from worker.testing import StandIn, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -46,13 +45,6 @@ def counted(metrics: Metrics, name: str) -> float:
 def errors(led: RedisLedger) -> float:
     """Ledger errors this ledger counted so far."""
     return counted(led._metrics, "ledger_errors")
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then let go)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.asynccontextmanager

@@ -8,7 +8,7 @@ import pytest
 
 from tests.integration.helpers import depth, publish_items, wait_until
 from worker.service import Service
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,9 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from aiohttp import web
 
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig, StoreCall
 
 ACCEPT = {"Accept": "application/json, text/event-stream", "Content-Type": "application/json"}
 INIT_PARAMS = {
@@ -105,6 +106,29 @@ async def test_session_flow_stores_with_success_text(sb: StandIn, http: httpx.As
     ]
     stats = sb.stats
     assert (stats.calls, stats.stored, stats.sessions_opened) == (1, 1, 2)
+
+
+async def test_on_store_sees_each_store_and_may_answer_instead(
+    sb: StandIn, http: httpx.AsyncClient
+) -> None:
+    """`on_store` sees each valid store with its key; a response it returns replaces the store."""
+    seen: list[StoreCall] = []
+
+    async def on_store(call: StoreCall) -> web.StreamResponse | None:
+        seen.append(call)
+        return web.Response(status=503) if call.content == "refuse me" else None
+
+    sb.on_store = on_store
+    headers = await open_session(http, sb)
+    text, _ = await store(http, sb, headers, {"content": "hello", "source_session_id": "k-1"})
+    assert text.startswith(SUCCESS)
+    refused = {"content": "refuse me", "source_session_id": "k-2"}
+    assert (await call(http, sb, headers, refused)).status_code == 503
+    plain = await http.post(f"{sb.base_url}/memory", json={"content": "plain"})
+    assert plain.status_code == 201
+    keys = [(c.key, c.content) for c in seen]
+    assert keys == [("k-1", "hello"), ("k-2", "refuse me"), (None, "plain")]
+    assert [row["content"] for row in sb.items] == ["hello", "plain"]
 
 
 async def test_tools_list_describes_store_reflection(sb: StandIn, http: httpx.AsyncClient) -> None:
@@ -395,12 +419,12 @@ async def test_official_mcp_client_stores(sb: StandIn) -> None:
 
 
 async def test_runs_as_a_process_and_stops_on_sigterm() -> None:
-    """`python -m worker.standin` prints its URL, applies its flags, and exits 0 on SIGTERM."""
+    """`python -m worker.testing` prints its URL, applies its flags, and exits 0 on SIGTERM."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "worker.standin",
+        "worker.testing",
         "--port",
         "0",
         "--error-503",

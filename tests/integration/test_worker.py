@@ -20,7 +20,7 @@ from worker.exitcodes import EXIT_CONFIG
 from worker.outcome import Reason
 from worker.publisher import Publisher
 from worker.service import Service
-from worker.standin import StandIn, StandInConfig
+from worker.testing import StandIn, StandInConfig
 from worker.topology import H_ATTEMPTS, H_DETAIL, H_REASON, Topology
 
 pytestmark = pytest.mark.integration

@@ -1,9 +1,8 @@
-"""Test doubles shared by the unit tests: a controllable sink, a recording delivery, items."""
+"""Test doubles shared by the unit tests: a controllable sink, a recording delivery."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,25 +12,6 @@ from worker.pipeline import Verdict
 from worker.sink import StoreRequest
 
 JSON = "application/json"
-
-
-def item_dict(content: str = "the build passed", **metadata: Any) -> dict[str, Any]:
-    """A valid memory item as a dict; keyword arguments change or add metadata keys."""
-    meta: dict[str, Any] = {
-        "type": "task_result",
-        "pool_id": "pool-1",
-        "pool_type": "local",
-        "worker_id": "w-7",
-        "status": "completed",
-        "timestamp": 1_717_171_717.25,
-    }
-    meta.update(metadata)
-    return {"content": content, "metadata": meta}
-
-
-def item_body(content: str = "the build passed", **metadata: Any) -> bytes:
-    """A valid memory item encoded as a message body."""
-    return json.dumps(item_dict(content, **metadata)).encode()
 
 
 class FakeSink:

@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 
 import worker.metrics
-from tests.unit.fakes import FakeSink, item_dict, until
+from tests.unit.fakes import FakeSink, until
 from worker.metrics import Metrics
 from worker.models import MemoryItem
 from worker.outcome import Kind, Outcome, Reason
 from worker.service import MemoryInserter
 from worker.settings import Settings
+from worker.testing.items import valid_item
 
 ACT008_KEYS = {
     "total_items_inserted",
@@ -160,7 +161,7 @@ async def test_inserter_outcomes_in_input_order() -> None:
     sink = FakeSink()
     sink.results["item 2"] = Outcome.rejected("❌ no")
     sink.gates["item 0"] = asyncio.Event()  # the first item finishes last
-    items = [item_dict(f"item {i}") for i in range(6)]
+    items = [valid_item(f"item {i}") for i in range(6)]
     async with MemoryInserter(make_settings(6), sink=sink) as inserter:
         batch = asyncio.create_task(inserter.insert_batch(items))
         await until(lambda: len(sink.finished) == 5)
@@ -182,7 +183,7 @@ async def test_inserter_respects_concurrency_limit() -> None:
     """insert_batch never runs more than max_concurrent_memory_insertions stores at once."""
     sink = FakeSink()
     async with MemoryInserter(make_settings(4), sink=sink) as inserter:
-        outcomes = await inserter.insert_batch([item_dict(f"i{n}") for n in range(40)])
+        outcomes = await inserter.insert_batch([valid_item(f"i{n}") for n in range(40)])
     assert len(outcomes) == 40
     assert all(o.kind is Kind.STORED for o in outcomes)
     assert sink.peak == 4
@@ -191,13 +192,13 @@ async def test_inserter_respects_concurrency_limit() -> None:
 async def test_inserter_accepts_items_and_rejects_invalid_dicts() -> None:
     """MemoryItem instances are stored; invalid dicts give INVALID outcomes and skip the sink."""
     sink = FakeSink()
-    good = MemoryItem.model_validate(item_dict("a model"))
-    bad_blank = item_dict("   ")
+    good = MemoryItem.model_validate(valid_item("a model"))
+    bad_blank = valid_item("   ")
     bad_missing = {"content": "no metadata"}
-    bad_type = item_dict("x", exit_code="zero")
+    bad_type = valid_item("x", exit_code="zero")
     async with MemoryInserter(make_settings(), sink=sink) as inserter:
         outcomes = await inserter.insert_batch(
-            [good, bad_blank, item_dict("a dict"), bad_missing, bad_type]
+            [good, bad_blank, valid_item("a dict"), bad_missing, bad_type]
         )
     assert [o.kind for o in outcomes] == [
         Kind.STORED,
@@ -214,7 +215,7 @@ async def test_inserter_metrics_and_reset() -> None:
     """The inserter's metrics count stored items and failures; reset_metrics zeroes them."""
     sink = FakeSink()
     sink.results["fails"] = Outcome.transient("503")
-    items = [item_dict(f"ok {i}") for i in range(5)] + [item_dict("fails")]
+    items = [valid_item(f"ok {i}") for i in range(5)] + [valid_item("fails")]
     async with MemoryInserter(make_settings(2), sink=sink) as inserter:
         await inserter.insert_batch(items)
         result = inserter.get_insertion_metrics()

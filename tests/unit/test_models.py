@@ -30,6 +30,7 @@ from worker.models import (
     item_from_dict,
 )
 from worker.outcome import Reason
+from worker.testing.items import valid_item
 
 JSON = "application/json"
 DROP = object()
@@ -38,17 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def make(**changes: Any) -> dict[str, Any]:
     """Build a valid item dict; `metadata__x=...` changes a metadata key, `...=DROP` removes it."""
-    data: dict[str, Any] = {
-        "content": "the build passed",
-        "metadata": {
-            "type": "task_result",
-            "pool_id": "pool-1",
-            "pool_type": "local",
-            "worker_id": "w-7",
-            "status": "completed",
-            "timestamp": 1_717_171_717.25,
-        },
-    }
+    data = valid_item()
     for key, value in changes.items():
         target, name = (data["metadata"], key[10:]) if key.startswith("metadata__") else (data, key)
         if value is DROP:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from tests.unit.fakes import Clock, FakeDelivery, FakeSink, item_body, until
+from tests.unit.fakes import Clock, FakeDelivery, FakeSink, until
 from worker.breaker import CircuitBreaker, State
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
@@ -19,6 +19,7 @@ from worker.models import idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, Reason
 from worker.pipeline import NOT_ATTEMPTED, Dispatcher, Pipeline
 from worker.settings import Settings
+from worker.testing.items import item_body
 from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 
 

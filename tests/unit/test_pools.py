@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from typing import Any, cast
 
-from tests.unit.fakes import item_dict
 from worker.pools import collect_and_publish
 from worker.publisher import ConnectionLost, Publisher
+from worker.testing.items import valid_item
 from worker.topology import Tier, Topology
 
 TOPOLOGY = Topology("x", "q", "x.retry", "x.dlx", "q.dlq", "quorum", 20, (Tier(1.0, "q.retry.1s"),))
@@ -52,9 +52,9 @@ class Manager:
 
 async def test_unconfirmed_items_come_back_with_their_pool():
     """An item whose publish was not confirmed is returned, with its pool, for a retry."""
-    lost = item_dict("b2", pool_id="b")
+    lost = valid_item("b2", pool_id="b")
     manager = Manager(
-        {"a": Pool([item_dict("a1", pool_id="a")]), "b": Pool([item_dict("b1"), lost])}
+        {"a": Pool([valid_item("a1", pool_id="a")]), "b": Pool([valid_item("b1"), lost])}
     )
     publisher = FlakyPublisher(lose={"b2"})
     report = await collect_and_publish(manager, publisher)

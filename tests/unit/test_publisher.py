@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import pytest
 
-from tests.unit.fakes import item_dict, until
+from tests.unit.fakes import until
 from worker.models import DecodeError, MemoryItem, idempotency_key
 from worker.outcome import Reason
 from worker.publisher import (
@@ -19,6 +19,7 @@ from worker.publisher import (
     Publisher,
     PublishResult,
 )
+from worker.testing.items import valid_item
 from worker.topology import Tier, Topology
 
 TOPOLOGY = Topology("x", "q", "x.retry", "x.dlx", "q.dlq", "quorum", 20, (Tier(1.0, "q.retry.1s"),))
@@ -49,16 +50,16 @@ class GatedPublisher(Publisher):
 
 def test_encode_is_compact_json_keyed_by_its_hash():
     """An item encodes to compact JSON whose SHA-256 is its message id."""
-    body, key = GatedPublisher().encode(item_dict("hello"))
-    assert json.loads(body) == item_dict("hello") and b", " not in body
+    body, key = GatedPublisher().encode(valid_item("hello"))
+    assert json.loads(body) == valid_item("hello") and b", " not in body
     assert key == idempotency_key(None, body)
 
 
 def test_a_model_encodes_like_its_dict():
     """A MemoryItem and the dict it came from give the same body and key."""
     publisher = GatedPublisher()
-    model = MemoryItem.model_validate(item_dict("hi"))
-    assert publisher.encode(model) == publisher.encode(item_dict("hi"))
+    model = MemoryItem.model_validate(valid_item("hi"))
+    assert publisher.encode(model) == publisher.encode(valid_item("hi"))
 
 
 @pytest.mark.parametrize(
@@ -66,7 +67,7 @@ def test_a_model_encodes_like_its_dict():
     [
         ("just text", Reason.SCHEMA, "object, not str"),
         ({"content": "x"}, Reason.SCHEMA, "metadata"),
-        (item_dict("x" * 5000), Reason.TOO_LARGE, "limit is 2048"),
+        (valid_item("x" * 5000), Reason.TOO_LARGE, "limit is 2048"),
     ],
 )
 def test_encode_refuses_what_the_worker_would_refuse(value, reason, text):
@@ -80,7 +81,7 @@ async def test_publish_many_holds_at_most_n_outstanding():
     """With 50 items and a limit of 8, never more than 8 sends wait for a confirm."""
     publisher = GatedPublisher()
     task = asyncio.create_task(
-        publisher.publish_many([item_dict(f"i{n}") for n in range(50)], max_outstanding=8)
+        publisher.publish_many([valid_item(f"i{n}") for n in range(50)], max_outstanding=8)
     )
     await until(lambda: publisher.in_flight == 8)
     for _ in range(100):
@@ -99,7 +100,7 @@ async def test_publish_many_reports_each_item_in_input_order():
 
     async def items() -> AsyncIterator[Any]:
         for n in range(6):
-            yield item_dict(f"i{n}") if n != 4 else {"content": "bad"}
+            yield valid_item(f"i{n}") if n != 4 else {"content": "bad"}
 
     batch = await publisher.publish_many(items(), max_outstanding=2, on_result=seen.append)
     assert [r.index for r in batch.results] == list(range(6))
@@ -117,7 +118,7 @@ async def test_publish_many_cancels_sends_when_the_input_fails():
     publisher = GatedPublisher()
 
     def items() -> Iterator[Any]:
-        yield item_dict("first")
+        yield valid_item("first")
         raise OSError("disk gone")
 
     with pytest.raises(OSError, match="disk gone"):

@@ -16,18 +16,12 @@ from worker.models import decode_item
 from worker.outcome import Kind, Outcome
 from worker.settings import Settings, SinkSettings
 from worker.sink import HttpSink, McpSink, StoreRequest, reflection_arguments
+from worker.testing.items import valid_item
 from worker.transport import Reply, TransportError, TransportTimeout, make_client
 
 URL = "http://sb.test/mcp"
 STORED_TEXT = "💾 Reflection stored successfully!\n📝 Content: hello"
-META = {
-    "type": "task_result",
-    "pool_id": "pool-1",
-    "pool_type": "local",
-    "worker_id": "w-7",
-    "status": "completed",
-    "timestamp": 1_717_171_717.25,
-}
+META = valid_item()["metadata"]
 
 
 class Sent(NamedTuple):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from worker.cli.common import Subparsers, add_settings_flags, run_async
+from worker.cli.common import Subparsers, add_settings_flags
 from worker.exitcodes import EXIT_FAILED, EXIT_OK
+from worker.runner import run as run_async
 from worker.service import check
 from worker.settings import Settings
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterator
@@ -24,6 +23,7 @@ from rich.progress import (
 from worker import dlq
 from worker.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from worker.publisher import BrokerUnreachable
+from worker.runner import run as run_async
 from worker.settings import Settings, load_settings
 
 # What `add_subparsers` returns; each subcommand module registers itself on it.
@@ -76,16 +76,6 @@ def positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError("must be greater than 0")
     return value
-
-
-def run_async(main: Coroutine[Any, Any, int]) -> int:
-    """Run a coroutine on uvloop when it is installed."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
 
 
 def run_tool(main: Coroutine[Any, Any, int]) -> int:

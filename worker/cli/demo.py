@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from worker.cli.common import Subparsers, add_settings_flags, run_async
+from worker.cli.common import Subparsers, add_settings_flags
 from worker.demo import run_demo
 from worker.logs import configure_logging
+from worker.runner import run as run_async
 from worker.settings import Settings
 
 

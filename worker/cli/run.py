@@ -10,8 +10,9 @@ import signal
 
 import structlog
 
-from worker.cli.common import Subparsers, add_settings_flags, run_async
+from worker.cli.common import Subparsers, add_settings_flags
 from worker.exitcodes import EXIT_FORCED, EXIT_OK
+from worker.runner import run as run_async
 from worker.service import Service
 from worker.settings import Settings
 

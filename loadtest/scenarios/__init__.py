@@ -1,0 +1,1 @@
+"""One module per benchmark scenario family, each with its markdown table builder."""
