@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
+from collections.abc import Callable
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    field_validator,
+)
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -23,6 +33,7 @@ from pydantic_settings import (
 )
 
 from worker.outcome import RetryPolicy
+from worker.provenance import Sources, describe, scan_env, scan_mapping
 
 DEFAULT_FILES = (Path("settings/mahavishnu.yaml"), Path("settings/local.yaml"))
 CONFIG_ENV = "MEMORY_WORKER_CONFIG"
@@ -231,6 +242,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    _files: tuple[str, ...] = PrivateAttr(default=())
 
     @classmethod
     def settings_customise_sources(
@@ -246,6 +258,11 @@ class Settings(BaseSettings):
             YamlConfigSettingsSource(settings_cls, yaml_file=f) for f in reversed(files)
         ]
         return (init_settings, env_settings, *yaml_sources)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The settings files this was loaded from, in the order they apply."""
+        return self._files
 
     @property
     def concurrency(self) -> int:
@@ -265,6 +282,9 @@ class Settings(BaseSettings):
         return self.concurrency + max(1, self.concurrency // 4)
 
 
+SECRETS = {"rabbitmq.url", "rabbitmq.management_url", "sink.token", "ledger.url"}
+
+
 def _config_files() -> list[Path]:
     if explicit := _config.get() or os.environ.get(CONFIG_ENV):
         return [Path(p) for p in explicit.split(os.pathsep) if p]
@@ -272,29 +292,46 @@ def _config_files() -> list[Path]:
 
 
 class SettingsError(Exception):
-    """Invalid settings; the message names every offending field."""
+    """Invalid settings; the message names every offending field and where its value came from."""
 
 
-def load_settings(overrides: dict[str, Any] | None = None, config: str | None = None) -> Settings:
+def _stderr(line: str) -> None:
+    print(f"memory-worker: warning: {line}", file=sys.stderr)
+
+
+def load_settings(
+    overrides: dict[str, Any] | None = None,
+    config: str | None = None,
+    warn: Callable[[str], None] = _stderr,
+) -> Settings:
     """Load every source (`config`: files, as MEMORY_WORKER_CONFIG); raises `SettingsError`."""
     token = _config.set(config)
+    sources = Sources()
     try:
-        for path in _config_files():
+        files = _config_files()
+        for path in files:
             if not path.is_file():
                 raise SettingsError(f"settings file {path}: not found")
-        return Settings(**(overrides or {}))
+            try:
+                data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            except yaml.YAMLError as exc:
+                raise SettingsError(f"settings file {path}: not valid YAML: {exc}") from None
+            if not isinstance(data, dict):
+                raise SettingsError(f"settings file {path}: not a mapping of sections")
+            scan_mapping(sources, Settings, data, str(path))
+        scan_env(sources, Settings, os.environ)
+        scan_mapping(sources, Settings, overrides or {}, "command line")
+        if sources.errors:
+            raise SettingsError("invalid settings:\n  " + "\n  ".join(sources.errors))
+        for line in sources.warnings:
+            warn(line)
+        settings = Settings(**(overrides or {}))
+        settings._files = tuple(str(p) for p in files)
+        return settings
     except PydanticValidationError as exc:
-        raise SettingsError(_describe(exc)) from None
+        errors = exc.errors(include_url=False)
+        raise SettingsError(describe(errors, sources, SECRETS)) from None
     except (OSError, ValueError, yaml.YAMLError) as exc:  # unreadable or malformed YAML
         raise SettingsError(f"settings files: {exc}") from None
     finally:
         _config.reset(token)
-
-
-def _describe(exc: PydanticValidationError) -> str:
-    lines = []
-    for err in exc.errors(include_url=False, include_input=False):
-        field = ".".join(str(p) for p in err["loc"])
-        env = "MAHAVISHNU_" + "__".join(str(p).upper() for p in err["loc"])
-        lines.append(f"{field} ({env}): {err['msg']}")
-    return "invalid settings:\n  " + "\n  ".join(lines)

@@ -231,7 +231,5 @@ def test_ledger_settings_errors_name_the_env_var() -> None:
     with pytest.raises(SettingsError) as caught:
         load_settings({"ledger": {"url": "http://cache:6379", "timeout_s": 0}})
     message = str(caught.value)
-    assert "ledger.url (MAHAVISHNU_LEDGER__URL): Value error, must start with redis://" in message
-    assert "ledger.timeout_s (MAHAVISHNU_LEDGER__TIMEOUT_S): Input should be greater than 0" in (
-        message
-    )
+    assert "ledger.url = **** (command line; env MAHAVISHNU_LEDGER__URL): Value error" in message
+    assert "ledger.timeout_s = 0 (command line; env MAHAVISHNU_LEDGER__TIMEOUT_S)" in message
