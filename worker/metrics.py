@@ -12,7 +12,14 @@ import time
 from collections import Counter as Tally
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -23,6 +30,9 @@ class Metrics:
     def __init__(self, max_concurrent_insertions: int) -> None:
         self.max_concurrent_insertions = max_concurrent_insertions
         self.registry = CollectorRegistry(auto_describe=True)
+        # process_* (RSS, CPU seconds, open fds; Linux only) to size a container from.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
         self.messages = Counter(
             "memory_worker_messages",
             "Deliveries settled, by outcome, action and dead-letter reason.",

@@ -238,3 +238,12 @@ async def test_inserter_empty_batch() -> None:
     async with MemoryInserter(make_settings(), sink=sink) as inserter:
         assert await inserter.insert_batch([]) == []
     assert sink.requests == []
+
+
+def test_process_metrics_are_exported() -> None:
+    """The registry carries the standard process_* series, to size a container from."""
+    from prometheus_client import generate_latest
+
+    text = generate_latest(Metrics(5).registry).decode()
+    for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
+        assert f"\n{name} " in text, name
