@@ -219,6 +219,25 @@ async def test_sigterm_mid_flight_finishes_inserts_and_loses_nothing(make_settin
     assert await depth(connection, settings.rabbitmq.dead_letter_queue) == 0
 
 
+async def test_two_sigterms_at_once_are_one_graceful_stop(make_settings, connection):
+    """Two SIGTERMs a millisecond apart (a group-wide kill) stop gracefully, exit 0, not 130."""
+    async with StandIn(StandInConfig(latency_s=0.4)) as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url, "max_concurrent_memory_insertions": 5},
+            worker={"grace_s": 10},
+        )
+        await publish_items(connection, settings, 20)
+        process = await start_worker_process(worker_env(settings))
+        await wait_until(lambda: sb.stats.in_flight == 5)
+        process.send_signal(signal.SIGTERM)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 30)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+        assert b"forced_exit" not in stderr
+        stored = sb.stats.distinct_keys
+    assert stored + await depth(connection, settings.rabbitmq.queue) == 20
+
+
 async def test_sigterm_with_short_grace_requeues_in_flight(make_settings, connection):
     """Inserts still running when the grace period ends are requeued, never dead-lettered."""
     async with StandIn() as sb:

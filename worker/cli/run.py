@@ -1,4 +1,4 @@
-"""`memory-worker run`: consume and store until SIGTERM or SIGINT; a second signal exits at once."""
+"""`memory-worker run`: consume and store until SIGTERM or SIGINT; a later second one forces it."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 
 import structlog
 
@@ -17,6 +18,7 @@ from worker.service import Service
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.cli")
+SAME_SIGNAL_S = 0.5  # signals closer than this are one request to stop
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -34,19 +36,24 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 async def _run(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     service = Service(settings)
-    signals = 0
+    first_signal_s: float | None = None
 
     def on_signal(signum: int) -> None:
-        nonlocal signals
-        signals += 1
+        nonlocal first_signal_s
+        now = time.monotonic()
         name = signal.Signals(signum).name
+        if first_signal_s is not None and now - first_signal_s < SAME_SIGNAL_S:
+            # A group-wide kill (a shell's Ctrl-C, `kill -- -PGID`, a supervisor) can deliver
+            # the same request twice within milliseconds: it asks once for a graceful stop.
+            return
         # Act before logging: with its log pipe gone (a dead reader), a log call raises and
         # the worker must still stop.
-        if signals > 1:
+        if first_signal_s is not None:
             # Unacked deliveries go back to the queue when our connection drops.
             with contextlib.suppress(OSError):
                 log.warning("forced_exit", signal=name)
             os._exit(EXIT_FORCED)
+        first_signal_s = now
         service.stop()
         with contextlib.suppress(OSError):
             log.info("shutdown_requested", signal=name)
