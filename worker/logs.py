@@ -78,6 +78,39 @@ class TolerantStream:
                 self.broken = True
 
 
+# Said again by our own events (`broker_unreachable`), with the URL and the next retry.
+REDUNDANT = ("error when creating transport",)
+
+
+class LibraryRecords(logging.Handler):
+    """Records of the libraries (aiormq, aio-pika, ...) as our events: one line format on stderr.
+
+    Without it Python's last-resort handler prints their warnings as bare text, tracebacks
+    included, between our JSON lines. An exception is kept as its repr; the traceback only at
+    debug level.
+    """
+
+    def __init__(self, tracebacks: bool) -> None:
+        super().__init__()
+        self._tracebacks = tracebacks
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Log the record through structlog, under the library's logger name."""
+        if not self._tracebacks and record.getMessage().startswith(REDUNDANT):
+            return
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[1] is not None:
+                fields["error"] = repr(record.exc_info[1])
+                if self._tracebacks:
+                    fields["exc_info"] = record.exc_info
+            log = structlog.get_logger(record.name)
+            level = record.levelname.lower() if record.levelno < logging.CRITICAL else "critical"
+            getattr(log, level, log.warning)(record.getMessage(), **fields)
+        except Exception:  # a log record must never break the code that logged it
+            self.handleError(record)
+
+
 def configure_logging(
     fmt: Literal["auto", "json", "console"] = "auto", level: str = "info"
 ) -> None:
@@ -103,3 +136,8 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )
+    debug = level.lower() == "debug"
+    root = logging.getLogger()
+    root.handlers[:] = [LibraryRecords(tracebacks=debug)]
+    # The libraries' info is chatter (each reconnect attempt); their warnings matter.
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)

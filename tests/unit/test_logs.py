@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from types import SimpleNamespace
@@ -144,3 +145,33 @@ def test_configured_json_line_on_stderr(capsys: pytest.CaptureFixture[str]) -> N
     assert list(data) == ["message_id", "latency_s", "event", "level", "timestamp"]
     assert data["level"] == "warning"
     assert datetime.fromisoformat(data["timestamp"]).tzinfo == UTC
+
+
+def test_library_records_become_structured_events() -> None:
+    """A library's stdlib warning is one structlog event with its logger name and error repr."""
+    import logging
+
+    from structlog.testing import capture_logs
+
+    from worker.logs import LibraryRecords
+
+    handler = LibraryRecords(tracebacks=False)
+    try:
+        raise ConnectionError("refused")
+    except ConnectionError:
+        record = logging.getLogger("aiormq.connection").makeRecord(
+            "aiormq.connection", logging.ERROR, __file__, 1, "lost: %s", ("x",), sys.exc_info()
+        )
+    quiet = logging.LogRecord("aiormq.connection", logging.ERROR, __file__, 1,
+                              "error when creating transport: x", (), None)  # fmt: skip
+    with capture_logs() as logs:
+        handler.emit(record)
+        handler.emit(quiet)
+    assert logs == [
+        {
+            "event": "lost: x",
+            "logger": "aiormq.connection",
+            "error": "ConnectionError('refused')",
+            "log_level": "error",
+        }
+    ]
