@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import math
+import socket
 import ssl
 import time
 import urllib.parse
@@ -258,8 +259,12 @@ class Http1Client:
                 )
         except TimeoutError:
             raise TransportTimeout("connect timed out") from None
+        except ConnectionRefusedError as exc:
+            raise TransportError(f"connection refused by {host}:{port}") from exc
+        except socket.gaierror as exc:
+            raise TransportError(f"host {host!r} not found: {exc.strerror}") from exc
         except OSError as exc:
-            raise TransportError(f"{type(exc).__name__}: {exc}") from exc
+            raise TransportError(f"cannot connect to {host}:{port}: {exc.strerror or exc}") from exc
         self._open.add(conn)
         return conn
 

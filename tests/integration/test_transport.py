@@ -140,7 +140,7 @@ async def test_refused_connection_is_a_transport_error() -> None:
             store_request()
         )
     assert outcome.kind is Kind.TRANSIENT and not outcome.overload
-    assert "ConnectionRefusedError" in outcome.detail
+    assert "connection refused by 127.0.0.1:9" in outcome.detail
 
 
 async def test_slow_answer_is_a_timeout(server: Server) -> None:
