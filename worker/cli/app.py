@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from worker import __version__
 from worker.cli import check, demo, dlq, publish, run
 from worker.cli.common import settings_from_args
 from worker.exitcodes import EXIT_CONFIG, EXIT_FORCED, EXIT_UNAVAILABLE
@@ -22,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="memory-worker",
         description="Store memory items from RabbitMQ in Session-Buddy, in parallel.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for family in (run, check, demo, publish, dlq):
         family.add_parser(sub)

@@ -13,7 +13,12 @@ from worker.settings import Settings
 
 def add_parser(sub: Subparsers) -> None:
     """Register `check` on the top-level subparsers."""
-    parser = sub.add_parser("check", help="check the broker and Session-Buddy are reachable")
+    parser = sub.add_parser(
+        "check",
+        help="check the broker and Session-Buddy are reachable",
+        description="Check the settings, the broker and Session-Buddy as `run` would; "
+        "exit 0 when all are usable.",
+    )
     parser.set_defaults(func=cmd_check)
     add_settings_flags(parser)
 

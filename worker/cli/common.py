@@ -44,12 +44,17 @@ FLAGS: tuple[tuple[str, tuple[str, str], Callable[[str], Any], str], ...] = (
 )
 
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags that override settings, shared by every subcommand."""
+# What the broker-only tools (publish, dlq) read; the worker and `check` read every flag.
+BROKER_FLAGS = ("--rabbitmq-url", "--queue", "--dead-letter-queue", "--log-format")
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
+    """Flags that override settings: all of them, or `only` those the subcommand reads."""
     group = parser.add_argument_group("settings (override YAML and MAHAVISHNU_* env vars)")
     group.add_argument("--config", help="YAML settings file(s), separated by ':'")
     for flag, _, kind, text in FLAGS:
-        group.add_argument(flag, type=kind, help=text)
+        if not only or flag in only:
+            group.add_argument(flag, type=kind, help=text)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -13,11 +13,16 @@ from worker.settings import Settings
 
 def add_parser(sub: Subparsers) -> None:
     """Register `demo` on the top-level subparsers."""
-    parser = sub.add_parser("demo", help="a self-contained demo on local defaults")
+    parser = sub.add_parser(
+        "demo",
+        help="a self-contained demo on local defaults",
+        description="Publish sample items, store them through a stand-in Session-Buddy on "
+        "loopback, and print ACT-008's figures.",
+    )
     parser.add_argument("--items", type=int, default=500, help="valid items to publish")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="stand-in store latency")
     parser.set_defaults(func=cmd_demo)
-    add_settings_flags(parser)
+    add_settings_flags(parser, only=("--concurrency", "--rabbitmq-url", "--log-format"))
 
 
 def cmd_demo(args: argparse.Namespace, settings: Settings) -> int:

@@ -12,7 +12,14 @@ import re
 from rich.console import Console
 
 from worker.cli import dlq_change, dlq_inspect
-from worker.cli.common import Subparsers, add_settings_flags, positive_float, positive_int, run_tool
+from worker.cli.common import (
+    BROKER_FLAGS,
+    Subparsers,
+    add_settings_flags,
+    positive_float,
+    positive_int,
+    run_tool,
+)
 from worker.dlq import MAX_HOLD, Filter
 from worker.exitcodes import EXIT_FAILED
 from worker.settings import Settings
@@ -23,30 +30,54 @@ _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def add_parser(sub: Subparsers) -> None:
     """Register `dlq` and its subcommands on the top-level subparsers."""
-    parser = sub.add_parser("dlq", help="inspect, replay and purge the dead-letter queue")
+    parser = sub.add_parser(
+        "dlq",
+        help="inspect, replay and purge the dead-letter queue",
+        description="Inspect, replay and purge dead letters; each carries why it failed.",
+    )
     commands = parser.add_subparsers(dest="dlq_command", required=True)
-    stats = commands.add_parser("stats", help="depth, reasons, failure times, pools")
+    stats = commands.add_parser(
+        "stats",
+        help="depth, reasons, failure times, pools",
+        description="Depth of the dead-letter queue; its messages by reason, time and pool.",
+    )
     stats.add_argument("--json", action="store_true", help="machine-readable output")
     stats.set_defaults(func=cmd_dlq_stats)
-    listing = commands.add_parser("list", help="list dead letters without removing any")
+    listing = commands.add_parser(
+        "list",
+        help="list dead letters without removing any",
+        description="List dead letters, filtered, without removing any.",
+    )
     _add_filters(listing)
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
     listing.set_defaults(func=cmd_dlq_list)
-    show = commands.add_parser("show", help="the failure envelope and body of one message")
+    show = commands.add_parser(
+        "show",
+        help="the failure envelope and body of one message",
+        description="The failure envelope (reason, attempts, times) and body of one message.",
+    )
     show.add_argument("id", help="message id (the idempotency key), or a unique prefix of it")
     show.add_argument("--json", action="store_true", help="machine-readable output")
     show.set_defaults(func=cmd_dlq_show)
-    replay = commands.add_parser("replay", help="send dead letters back to the work queue")
+    replay = commands.add_parser(
+        "replay",
+        help="send dead letters back to the work queue",
+        description="Send the selected dead letters back to the work queue, with confirms.",
+    )
     _add_filters(replay, selecting=True)
     replay.add_argument("--dry-run", action="store_true", help="list what would be replayed")
     replay.add_argument("--rate", type=positive_float, help="at most this many messages a second")
     replay.set_defaults(func=cmd_dlq_replay)
-    purge = commands.add_parser("purge", help="remove dead letters for good")
+    purge = commands.add_parser(
+        "purge",
+        help="remove dead letters for good",
+        description="Remove the selected dead letters for good.",
+    )
     _add_filters(purge, selecting=True)
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(func=cmd_dlq_purge)
     for command in (stats, listing, show, replay, purge):
-        add_settings_flags(command)
+        add_settings_flags(command, only=BROKER_FLAGS)
 
 
 def _add_filters(parser: argparse.ArgumentParser, *, selecting: bool = False) -> None:

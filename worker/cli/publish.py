@@ -14,7 +14,14 @@ from typing import BinaryIO
 from rich.console import Console
 from rich.markup import escape
 
-from worker.cli.common import Subparsers, add_settings_flags, positive_int, progress, run_tool
+from worker.cli.common import (
+    BROKER_FLAGS,
+    Subparsers,
+    add_settings_flags,
+    positive_int,
+    progress,
+    run_tool,
+)
 from worker.exitcodes import EXIT_DATAERR, EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from worker.models import DecodeError, MemoryItem, decode_item
 from worker.publisher import PublishResult, open_publisher
@@ -38,7 +45,7 @@ def add_parser(sub: Subparsers) -> None:
         "--max-outstanding", type=positive_int, default=256, help="confirms pending at once"
     )
     publish.set_defaults(func=cmd_publish)
-    add_settings_flags(publish)
+    add_settings_flags(publish, only=BROKER_FLAGS)
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:

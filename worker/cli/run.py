@@ -23,7 +23,12 @@ SAME_SIGNAL_S = 0.5  # signals closer than this are one request to stop
 
 def add_parser(sub: Subparsers) -> None:
     """Register `run` on the top-level subparsers."""
-    parser = sub.add_parser("run", help="consume the queue and store items")
+    parser = sub.add_parser(
+        "run",
+        help="consume the queue and store items",
+        description="Consume the work queue and store each item in Session-Buddy, in parallel, "
+        "until SIGTERM or SIGINT.",
+    )
     parser.set_defaults(func=cmd_run)
     add_settings_flags(parser)
 
