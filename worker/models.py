@@ -127,6 +127,13 @@ class MemoryItem(BaseModel):
         return value
 
 
+def too_large(content: str, limit: int) -> str | None:
+    """Why content is over the sink's limit, or None; the worker and `publish` share the rule."""
+    if len(content) <= limit:
+        return None
+    return f"content has {len(content)} characters; the sink keeps at most {limit}"
+
+
 def _check_content_type(content_type: str | None) -> None:
     """Accept no content type or application/json in UTF-8."""
     if content_type is None or content_type == "application/json":

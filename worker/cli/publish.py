@@ -23,7 +23,8 @@ from worker.cli.common import (
     run_tool,
 )
 from worker.exitcodes import EXIT_DATAERR, EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from worker.models import DecodeError, MemoryItem, decode_item
+from worker.models import DecodeError, MemoryItem, decode_item, too_large
+from worker.outcome import Reason
 from worker.publisher import PublishResult, open_publisher
 from worker.settings import Settings
 
@@ -121,6 +122,13 @@ def _validate(
             )
         except DecodeError as exc:
             bad.append((number, f"{exc.reason.value}: {exc.detail}"))
+            continue
+        sink = settings.sink
+        if sink.oversize == "dead_letter" and (
+            why := too_large(item.content, sink.max_content_chars)
+        ):
+            # The worker would dead-letter it: refuse it here, before it is sent.
+            bad.append((number, f"{Reason.TOO_LARGE.value}: {why}"))
             continue
         items.append((number, item))
     return items, bad
