@@ -21,11 +21,12 @@ from rich.live import Live
 from rich.table import Table
 
 from worker.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
+from worker.headers import H_DETAIL, H_REASON
 from worker.publisher import Publisher
 from worker.service import Service, masked
 from worker.settings import Settings
 from worker.testing import StandIn, StandInConfig, valid_item
-from worker.topology import H_DETAIL, H_REASON, Topology
+from worker.topology import Topology
 
 
 def sample_item(n: int) -> dict[str, Any]:

@@ -23,13 +23,6 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnec
 
 from worker.settings import Settings
 
-H_ATTEMPTS = "x-mw-attempts"
-H_FIRST_FAILURE_MS = "x-mw-first-failure-ms"
-H_LAST_FAILURE_MS = "x-mw-last-failure-ms"
-H_REASON = "x-mw-reason"
-H_DETAIL = "x-mw-detail"
-H_WORKER = "x-mw-worker"
-H_QUEUE = "x-mw-queue"
 DLQ_DELIVERY_LIMIT = 1_000_000
 # One store attempt per delivery (retries go through the broker), but an MCP session re-open
 # can run the store call a second time within the same delivery.
