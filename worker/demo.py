@@ -20,10 +20,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from worker.broker import masked
 from worker.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
 from worker.headers import H_DETAIL, H_REASON
 from worker.publisher import Publisher
-from worker.service import Service, masked
+from worker.service import Service
 from worker.settings import Settings
 from worker.testing import StandIn, StandInConfig, valid_item
 from worker.topology import Topology

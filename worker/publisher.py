@@ -26,13 +26,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlparse
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
+from worker.broker import masked
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.outcome import Reason
 from worker.settings import Settings
@@ -282,10 +282,7 @@ async def connect(
             client_properties={"connection_name": f"memory-worker {purpose} {settings.worker.id}"},
         )
     except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-        where = urlparse(url)
-        raise BrokerUnreachable(
-            f"no broker at {where.hostname}:{where.port or 5672}: {exc!r}"
-        ) from None
+        raise BrokerUnreachable(f"no broker at {masked(url)}: {exc!r}") from None
 
 
 @asynccontextmanager

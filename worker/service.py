@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -21,6 +20,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.breaker import CircuitBreaker, State
+from worker.broker import masked
 from worker.consumer import CONFIRM_TIMEOUT_S, Consumer
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
@@ -41,11 +41,6 @@ RESUBSCRIBE_EVERY_S = 1.0
 
 class BrokerUnavailable(Exception):
     """No broker answered within the startup wait."""
-
-
-def masked(url: str) -> str:
-    """A URL safe to log: the password replaced by `***`."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 async def connect(settings: Settings) -> AbstractRobustConnection:

@@ -21,6 +21,7 @@ import httpx
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from worker.broker import masked
 from worker.settings import Settings
 
 DLQ_DELIVERY_LIMIT = 1_000_000
@@ -297,7 +298,7 @@ async def check_queue_policies(
     url = management_queue_url(management_url, amqp_url, topology.queue)
     auth = httpx.BasicAuth(url.username, url.password) if url.username else None
     bare = url.copy_with(username=None, password=None)
-    shown = str(bare.copy_with(path="/"))
+    shown = masked(management_url)
     try:
         async with httpx.AsyncClient(transport=transport, timeout=MANAGEMENT_TIMEOUT_S) as client:
             response = await client.get(bare, auth=auth)
