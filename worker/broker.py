@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
+#: How long a publish waits for the broker's confirm (a retry, a dead letter, a replay, an
+#: item); the preflight counts it into the consumer_timeout budget, so both read this one.
+CONFIRM_TIMEOUT_S = 30.0
+
 
 def masked(url: str) -> str:
     """`url` safe to log or print: its password, in the userinfo or a query, replaced by `***`."""

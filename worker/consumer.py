@@ -38,13 +38,13 @@ from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
 from worker.acks import AckBatcher
+from worker.broker import CONFIRM_TIMEOUT_S
 from worker.headers import dead_letter_headers, failure_headers
 from worker.outcome import Action
 from worker.pipeline import Dispatcher, Verdict
 from worker.topology import Topology
 
 log = structlog.get_logger("worker.consumer")
-CONFIRM_TIMEOUT_S = 30.0
 BROKER_CALL_TIMEOUT_S = 10.0
 RECOVERY_FIRST_S = 1.0  # aio-pika re-consumes on its own when the queue still exists
 RECOVERY_MAX_S = 30.0

@@ -32,13 +32,12 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
-from worker.broker import masked
+from worker.broker import CONFIRM_TIMEOUT_S, masked
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.outcome import Reason
 from worker.settings import Settings
 from worker.topology import Topology
 
-CONFIRM_TIMEOUT_S = 30.0
 MAX_OUTSTANDING = 256
 
 ItemLike = MemoryItem | Mapping[str, Any]

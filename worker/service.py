@@ -20,8 +20,8 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.breaker import CircuitBreaker, State
-from worker.broker import masked
-from worker.consumer import CONFIRM_TIMEOUT_S, Consumer
+from worker.broker import CONFIRM_TIMEOUT_S, masked
+from worker.consumer import Consumer
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from worker.consumer import CONFIRM_TIMEOUT_S
+from worker.broker import CONFIRM_TIMEOUT_S
 from worker.settings import Settings
 from worker.topology import (
     Topology,
