@@ -14,13 +14,12 @@ import uuid
 from collections import Counter
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from worker.broker import masked
+from worker.broker import BrokerUnavailable, connect, masked
 from worker.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
 from worker.headers import H_DETAIL, H_REASON
 from worker.publisher import Publisher
@@ -64,8 +63,8 @@ def broken_messages() -> list[tuple[bytes, str | None]]:
 
 async def _broker_or_none(settings: Settings) -> AbstractRobustConnection | None:
     try:
-        return await aio_pika.connect_robust(settings.rabbitmq.url.get_secret_value(), timeout=5)
-    except Exception:
+        return await connect(settings, "demo")
+    except BrokerUnavailable:
         return None
 
 

@@ -7,9 +7,9 @@ assumed published:
     ├── Unroutable          the mandatory publish came back: no queue is bound for it
     ├── Refused             the broker nacked it (a full quorum queue with reject-publish)
     ├── ConnectionLost      the channel or connection closed before the confirm arrived
-    │   └── BrokerUnreachable   no connection could be opened at all
     └── BatchFailed         some items of `publish_many` failed; `.failures` says which
     DecodeError             (worker.models) the item is invalid; it was never sent
+    BrokerUnavailable       (worker.broker) `open_publisher` could open no connection at all
 
 A lost confirm does not mean the broker dropped the message, so a retry may store a duplicate;
 the message id is the item's idempotency key, which the worker uses to drop such duplicates.
@@ -32,7 +32,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
-from worker.broker import CONFIRM_TIMEOUT_S, masked
+from worker.broker import CONFIRM_TIMEOUT_S, connect
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.outcome import Reason
 from worker.settings import Settings
@@ -58,10 +58,6 @@ class Refused(PublishFailed):
 
 class ConnectionLost(PublishFailed):
     """The channel or connection closed before the broker confirmed."""
-
-
-class BrokerUnreachable(ConnectionLost):
-    """No connection to the broker could be opened."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,30 +262,12 @@ async def _enumerate(
             yield index, item
 
 
-async def connect(
-    settings: Settings, *, purpose: str, robust: bool = True
-) -> aio_pika.abc.AbstractConnection:
-    """Open a named connection; raise `BrokerUnreachable` if the broker does not answer."""
-    mq = settings.rabbitmq
-    url = mq.url.get_secret_value()
-    opener = aio_pika.connect_robust if robust else aio_pika.connect
-    try:
-        return await opener(
-            url,
-            timeout=mq.connect_timeout_s,
-            heartbeat=mq.heartbeat_s,
-            client_properties={"connection_name": f"memory-worker {purpose} {settings.worker.id}"},
-        )
-    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-        raise BrokerUnreachable(f"no broker at {masked(url)}: {exc!r}") from None
-
-
 @asynccontextmanager
 async def open_publisher(
     settings: Settings, *, purpose: str = "publisher", robust: bool = True
 ) -> AsyncIterator[Publisher]:
     """A connected `Publisher` for these settings; closes its connection on exit."""
-    connection = await connect(settings, purpose=purpose, robust=robust)
+    connection = await connect(settings, purpose, robust=robust)
     topology = Topology.from_settings(settings)
     async with (
         connection,

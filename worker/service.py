@@ -14,13 +14,11 @@ from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Self
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractRobustConnection
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.breaker import CircuitBreaker, State
-from worker.broker import CONFIRM_TIMEOUT_S, masked
+from worker.broker import CONFIRM_TIMEOUT_S, BrokerUnavailable, connect, masked
 from worker.consumer import Consumer
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
@@ -37,33 +35,6 @@ from worker.transport import HttpClient, TransportError, make_client
 
 log = structlog.get_logger("worker.service")
 RESUBSCRIBE_EVERY_S = 1.0
-
-
-class BrokerUnavailable(Exception):
-    """No broker answered within the startup wait."""
-
-
-async def connect(settings: Settings) -> AbstractRobustConnection:
-    """Connect to the broker, retrying with backoff for up to `rabbitmq.startup_wait_s`."""
-    mq = settings.rabbitmq
-    url = mq.url.get_secret_value()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + mq.startup_wait_s
-    delay_s = 0.5
-    while True:
-        try:
-            return await aio_pika.connect_robust(
-                url,
-                timeout=mq.connect_timeout_s,
-                heartbeat=mq.heartbeat_s,
-                client_properties={"connection_name": f"memory-worker {settings.worker.id}"},
-            )
-        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-            if loop.time() + delay_s > deadline:
-                raise BrokerUnavailable(f"no broker at {masked(url)}: {exc!r}") from None
-            log.warning("broker_unreachable", url=masked(url), error=repr(exc), retry_in_s=delay_s)
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 10.0)
 
 
 def make_sink(settings: Settings, client: HttpClient) -> McpSink | HttpSink:
@@ -143,7 +114,7 @@ class Service:
         sink = make_sink(s, client)
         await self._stack.enter_async_context(sink)
         await preflight_sink(sink, s.sink.tool)
-        connection = self._connection = await connect(s)
+        connection = self._connection = await connect(s, wait=True)
         self._stack.push_async_callback(connection.close)
         if s.rabbitmq.declare:
             await self.topology.declare(connection)
@@ -305,11 +276,11 @@ async def check(settings: Settings) -> dict[str, str | None]:
     results: dict[str, str | None] = {}
     url = settings.rabbitmq.url.get_secret_value()
     try:
-        connection = await aio_pika.connect(url, timeout=settings.rabbitmq.connect_timeout_s)
+        connection = await connect(settings, "check", robust=False)
         await connection.close()
         results[f"broker {masked(url)}"] = None
-    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-        results[f"broker {masked(url)}"] = repr(exc)
+    except BrokerUnavailable as exc:
+        results[f"broker {masked(url)}"] = repr(exc.error)
     sink_url = str(settings.pools.session_buddy_url)
     async with make_client(settings) as client, make_sink(settings, client) as sink:
         try:
