@@ -188,7 +188,8 @@ class Publisher:
         self, message: aio_pika.Message, *, routing_key: str | None = None
     ) -> None:
         """Publish a prepared message, mandatory, and wait for the broker's confirm."""
-        assert self._exchange is not None, "use `async with Publisher(...)`"
+        if self._exchange is None:
+            raise RuntimeError("not open: use `async with Publisher(...)`")
         key = routing_key or self._topology.queue
         try:
             await self._exchange.publish(message, key, mandatory=True, timeout=self._timeout_s)
@@ -308,14 +309,16 @@ class BlockingPublisher:
 
     def publish_item(self, item: ItemLike) -> str:
         """Validate and publish one item; returns its message id once confirmed."""
-        assert self._publisher is not None, "use `with BlockingPublisher(...)`"
+        if self._publisher is None:
+            raise RuntimeError("not open: use `with BlockingPublisher(...)`")
         return self._call(self._publisher.publish_item(item))
 
     def publish_many(
         self, items: Iterable[ItemLike], *, max_outstanding: int = MAX_OUTSTANDING
     ) -> BatchResult:
         """Publish every item with at most `max_outstanding` confirms pending."""
-        assert self._publisher is not None, "use `with BlockingPublisher(...)`"
+        if self._publisher is None:
+            raise RuntimeError("not open: use `with BlockingPublisher(...)`")
         return self._call(self._publisher.publish_many(items, max_outstanding=max_outstanding))
 
     def close(self) -> None:

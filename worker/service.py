@@ -248,7 +248,8 @@ class MemoryInserter:
 
     async def insert_batch(self, items: Iterable[MemoryItem | Mapping[str, Any]]) -> list[Outcome]:
         """Store every item, at most `max_concurrent_memory_insertions` at once, in order."""
-        assert self._pipeline is not None, "use `async with MemoryInserter(...)`"
+        if self._pipeline is None:
+            raise RuntimeError("not open: use `async with MemoryInserter(...)`")
         pipeline = self._pipeline
         slots = asyncio.Semaphore(self.settings.concurrency)
 

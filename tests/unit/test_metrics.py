@@ -238,3 +238,10 @@ async def test_inserter_empty_batch() -> None:
     async with MemoryInserter(make_settings(), sink=sink) as inserter:
         assert await inserter.insert_batch([]) == []
     assert sink.requests == []
+
+
+async def test_inserter_used_before_opening_is_a_clear_error() -> None:
+    """insert_batch outside `async with` raises RuntimeError, not an assert -O would drop."""
+    inserter = MemoryInserter(make_settings(), sink=FakeSink())
+    with pytest.raises(RuntimeError, match="async with MemoryInserter"):
+        await inserter.insert_batch([valid_item("early")])
