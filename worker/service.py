@@ -85,7 +85,7 @@ class Service:
         self._consumer: Consumer | None = None
         self._connection: AbstractRobustConnection | None = None
         self._dispatcher: Dispatcher | None = None
-        self._follower: asyncio.Task[None] | None = None
+        self._steering: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -140,7 +140,7 @@ class Service:
         )
         self._stack.push_async_callback(self._consumer.close)
         await self._consumer.start()
-        self._follower = asyncio.create_task(self._steer(self._consumer))
+        self._steering = asyncio.create_task(self._steer(self._consumer))
         self._running = True
         log.info(
             "worker_started",
@@ -209,11 +209,11 @@ class Service:
         self._running = False
         if self._consumer is not None:
             await self._consumer.cancel()
-        if self._follower is not None:
-            self._follower.cancel()
-            [error] = await asyncio.gather(self._follower, return_exceptions=True)
+        if self._steering is not None:
+            self._steering.cancel()
+            [error] = await asyncio.gather(self._steering, return_exceptions=True)
             if not isinstance(error, asyncio.CancelledError | None):
-                log.error("breaker_follower_failed", error=repr(error))
+                log.error("steering_failed", error=repr(error))
         requeued = 0
         if self._dispatcher is not None:
             requeued = await self._dispatcher.drain(self.settings.worker.grace_s)
