@@ -180,7 +180,8 @@ def _package(file: str) -> str:
 
 # Each sample goes to the first stage one of whose frames it contains (an exclusive split).
 STAGES: tuple[tuple[str, Callable[[str, str], bool]], ...] = (
-    ("log line per message (structlog, json)", lambda fn, fl: fl.startswith("structlog/")),
+    ("log line per message (structlog, orjson in worker/logs.py)",
+     lambda fn, fl: fl.startswith("structlog/")),
     ("Prometheus metrics", lambda fn, fl: fl.startswith("prometheus_client/")),
     ("decode + validate the body (json, pydantic)", lambda fn, fl: "decode_item" in fn),
     ("HTTP transport (aiohttp)", lambda fn, fl: fl.startswith(("aiohttp/", "httpx_aiohttp/"))),

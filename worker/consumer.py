@@ -38,22 +38,13 @@ from aiormq import spec
 from aiormq.abc import DeliveredMessage
 
 from worker.acks import AckBatcher
+from worker.broker import CONFIRM_TIMEOUT_S
+from worker.headers import dead_letter_headers, failure_headers
 from worker.outcome import Action
 from worker.pipeline import Dispatcher, Verdict
-from worker.topology import (
-    H_ATTEMPTS,
-    H_DETAIL,
-    H_FIRST_FAILURE_MS,
-    H_LAST_FAILURE_MS,
-    H_QUEUE,
-    H_REASON,
-    H_WORKER,
-    Topology,
-)
+from worker.topology import Topology
 
 log = structlog.get_logger("worker.consumer")
-DETAIL_HEADER_CHARS = 1000
-CONFIRM_TIMEOUT_S = 30.0
 BROKER_CALL_TIMEOUT_S = 10.0
 RECOVERY_FIRST_S = 1.0  # aio-pika re-consumes on its own when the queue still exists
 RECOVERY_MAX_S = 30.0
@@ -97,16 +88,8 @@ class Outbox:
 
     @staticmethod
     def _failure_headers(verdict: Verdict) -> dict[str, Any]:
-        now = time.time()
-        headers: dict[str, Any] = {
-            H_ATTEMPTS: verdict.attempt,
-            H_LAST_FAILURE_MS: round(now * 1000),
-            H_DETAIL: verdict.outcome.detail[:DETAIL_HEADER_CHARS],
-        }
-        # None only for a copy parked without counting: its budget clock has not started.
-        if verdict.first_failure_ts is not None:
-            headers[H_FIRST_FAILURE_MS] = round(verdict.first_failure_ts * 1000)
-        return headers
+        detail = verdict.outcome.detail
+        return failure_headers(verdict.attempt, verdict.first_failure_ts, detail, time.time())
 
     async def retry(self, message: AbstractIncomingMessage, verdict: Verdict) -> None:
         """Park a copy in the wait queue of its delay tier."""
@@ -126,13 +109,8 @@ class Outbox:
             raise RuntimeError("dead letter without an opened outbox or a reason")
         headers = dict(message.headers or {})
         headers.update(self._failure_headers(verdict))
-        headers.update(
-            {
-                H_REASON: verdict.decision.reason.value,
-                H_WORKER: self._worker_id,
-                H_QUEUE: self._topology.queue,
-            }
-        )
+        reason = verdict.decision.reason.value
+        headers.update(dead_letter_headers(reason, self._worker_id, self._topology.queue))
         await self._dlx.publish(
             copy_message(message, headers),
             self._topology.dead_letter_queue,

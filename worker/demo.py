@@ -14,18 +14,19 @@ import uuid
 from collections import Counter
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from worker.broker import BrokerUnavailable, connect, masked
 from worker.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
+from worker.headers import H_DETAIL, H_REASON
 from worker.publisher import Publisher
-from worker.service import Service, masked
+from worker.service import Service
 from worker.settings import Settings
 from worker.testing import StandIn, StandInConfig, valid_item
-from worker.topology import H_DETAIL, H_REASON, Topology
+from worker.topology import Topology
 
 
 def sample_item(n: int) -> dict[str, Any]:
@@ -62,8 +63,8 @@ def broken_messages() -> list[tuple[bytes, str | None]]:
 
 async def _broker_or_none(settings: Settings) -> AbstractRobustConnection | None:
     try:
-        return await aio_pika.connect_robust(settings.rabbitmq.url.get_secret_value(), timeout=5)
-    except Exception:
+        return await connect(settings, "demo")
+    except BrokerUnavailable:
         return None
 
 

@@ -35,9 +35,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.consumer import copy_message
-from worker.models import idempotency_key
-from worker.publisher import Publisher, PublishFailed
-from worker.topology import (
+from worker.headers import (
     H_ATTEMPTS,
     H_DETAIL,
     H_FIRST_FAILURE_MS,
@@ -45,18 +43,20 @@ from worker.topology import (
     H_QUEUE,
     H_REASON,
     H_WORKER,
-    Topology,
+    as_int,
+    as_text,
+    replay_count,
+    replay_headers,
 )
+from worker.models import idempotency_key
+from worker.publisher import Publisher, PublishFailed
+from worker.topology import Topology
 
-H_REPLAYED = "x-mw-replayed-from-dlq"
 # AMQP's prefetch count is a 16-bit field: one channel can hold no more unacked messages.
 MAX_HOLD = 65_535
 IDLE_S = 1.0
 SETTLE_TIMEOUT_S = 5.0
 _MAX_POOL_PARSE_BYTES = 1_048_576
-# Written by the broker; a replayed copy starts with a clean slate.
-_BROKER_HEADERS = ("x-death", "x-delivery-count")
-_BROKER_PREFIXES = ("x-first-death-", "x-last-death-", "x-mw-")
 
 Progress = Callable[[int, int], None]
 
@@ -121,22 +121,22 @@ def read_letter(message: AbstractIncomingMessage, position: int) -> DeadLetter:
         [d for d in raw_deaths if isinstance(d, Mapping)] if isinstance(raw_deaths, list) else []
     )
     death_ms = [ms for d in deaths if (ms := _epoch_ms(d.get("time"))) is not None]
-    reason = _text(headers.get(H_REASON))
+    reason = as_text(headers.get(H_REASON))
     if reason is None:
-        reason = _text(deaths[0].get("reason")) if deaths else None
-    source = _text(headers.get(H_QUEUE)) or (_text(deaths[0].get("queue")) if deaths else None)
+        reason = as_text(deaths[0].get("reason")) if deaths else None
+    source = as_text(headers.get(H_QUEUE)) or (as_text(deaths[0].get("queue")) if deaths else None)
     return DeadLetter(
         position=position,
         id=idempotency_key(message.message_id, message.body),
         reason=reason or "unknown",
-        detail=_text(headers.get(H_DETAIL)) or "",
-        attempts=_int(headers.get(H_ATTEMPTS)),
-        first_failure_ms=_int(headers.get(H_FIRST_FAILURE_MS)) or min(death_ms, default=None),
-        last_failure_ms=_int(headers.get(H_LAST_FAILURE_MS)) or max(death_ms, default=None),
-        worker=_text(headers.get(H_WORKER)),
+        detail=as_text(headers.get(H_DETAIL)) or "",
+        attempts=as_int(headers.get(H_ATTEMPTS)),
+        first_failure_ms=as_int(headers.get(H_FIRST_FAILURE_MS)) or min(death_ms, default=None),
+        last_failure_ms=as_int(headers.get(H_LAST_FAILURE_MS)) or max(death_ms, default=None),
+        worker=as_text(headers.get(H_WORKER)),
         source_queue=source,
         pool=_pool_of(message.body),
-        replayed=_int(headers.get(H_REPLAYED)) or 0,
+        replayed=replay_count(headers),
         redelivered=bool(message.redelivered),
         content_type=message.content_type,
         headers=headers,
@@ -147,13 +147,7 @@ def read_letter(message: AbstractIncomingMessage, position: int) -> DeadLetter:
 
 def replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
     """The original body and properties, failure headers removed, replay count incremented."""
-    headers = {
-        k: v
-        for k, v in (message.headers or {}).items()
-        if k not in _BROKER_HEADERS and not k.startswith(_BROKER_PREFIXES)
-    }
-    headers[H_REPLAYED] = (_int((message.headers or {}).get(H_REPLAYED)) or 0) + 1
-    return copy_message(message, headers)
+    return copy_message(message, replay_headers(message.headers or {}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -546,16 +540,6 @@ def _fingerprint(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -
     digest = hashlib.sha256(message.body)
     digest.update(repr((message.message_id, stable)).encode("utf-8", "backslashreplace"))
     return digest.hexdigest()
-
-
-def _text(value: object) -> str | None:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    return value if isinstance(value, str) else None
-
-
-def _int(value: object) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _epoch_ms(value: object) -> int | None:

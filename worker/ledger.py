@@ -25,7 +25,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, Self
-from urllib.parse import urlparse
 
 import structlog
 from redis.asyncio import Redis
@@ -33,6 +32,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from worker.broker import masked
 from worker.metrics import Metrics
 from worker.settings import Settings
 
@@ -138,9 +138,7 @@ class RedisLedger:
         self._redis = client(url, timeout_s)
         self._claim = self._redis.register_script(CLAIM)
         self._release = self._redis.register_script(RELEASE)
-        parsed = urlparse(url)
-        # Logged instead of the URL, which may hold a password.
-        self._where = f"{parsed.hostname}:{parsed.port or 6379}" if parsed.hostname else parsed.path
+        self._where = masked(url)
         self._metrics = metrics
         self._prefix = key_prefix
         self._ttl_ms = round(ttl_s * 1000)

@@ -56,7 +56,11 @@ class Outcome:
 
     @classmethod
     def duplicate(cls) -> Outcome:
-        """This worker already stored the same idempotency key."""
+        """Already stored, so not sent again: acked without a sink call.
+
+        The idempotency key (or every part of a split item) is in this process's recent-keys
+        cache, or the shared ledger says some worker stored it.
+        """
         return cls(Kind.DUPLICATE, "already stored")
 
     @classmethod

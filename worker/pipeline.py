@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import structlog
 
 from worker.breaker import CircuitBreaker, State
+from worker.headers import first_failure, previous_attempts
 from worker.ledger import Claim, Ledger, NoLedger, Status
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
@@ -25,7 +26,6 @@ from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, Reason, RetryPolicy, classify
 from worker.settings import Settings
 from worker.sink import Sink, StoreRequest
-from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 
 log = structlog.get_logger("worker.pipeline")
 NOT_ATTEMPTED = "sink circuit open: not attempted"
@@ -74,19 +74,6 @@ class RecentKeys:
         self._keys.move_to_end(key)
         if len(self._keys) > self._size:
             self._keys.popitem(last=False)
-
-
-def previous_attempts(headers: Mapping[str, Any]) -> int:
-    """Attempts already made, from our own header (the broker's x-death is not ours to trust)."""
-    value = headers.get(H_ATTEMPTS)
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
-
-
-def first_failure(headers: Mapping[str, Any]) -> float | None:
-    """Epoch seconds of the first failed attempt, if a previous attempt failed."""
-    # Integer milliseconds: AMQP float headers are 32-bit and would lose seconds of an epoch.
-    value = headers.get(H_FIRST_FAILURE_MS)
-    return value / 1000 if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 class Pipeline:

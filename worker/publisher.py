@@ -7,9 +7,9 @@ assumed published:
     ├── Unroutable          the mandatory publish came back: no queue is bound for it
     ├── Refused             the broker nacked it (a full quorum queue with reject-publish)
     ├── ConnectionLost      the channel or connection closed before the confirm arrived
-    │   └── BrokerUnreachable   no connection could be opened at all
     └── BatchFailed         some items of `publish_many` failed; `.failures` says which
     DecodeError             (worker.models) the item is invalid; it was never sent
+    BrokerUnavailable       (worker.broker) `open_publisher` could open no connection at all
 
 A lost confirm does not mean the broker dropped the message, so a retry may store a duplicate;
 the message id is the item's idempotency key, which the worker uses to drop such duplicates.
@@ -26,19 +26,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self, TypeVar
-from urllib.parse import urlparse
 
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
+from worker.broker import CONFIRM_TIMEOUT_S, connect
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.outcome import Reason
 from worker.settings import Settings
 from worker.topology import Topology
 
-CONFIRM_TIMEOUT_S = 30.0
 MAX_OUTSTANDING = 256
 
 ItemLike = MemoryItem | Mapping[str, Any]
@@ -59,10 +58,6 @@ class Refused(PublishFailed):
 
 class ConnectionLost(PublishFailed):
     """The channel or connection closed before the broker confirmed."""
-
-
-class BrokerUnreachable(ConnectionLost):
-    """No connection to the broker could be opened."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +188,8 @@ class Publisher:
         self, message: aio_pika.Message, *, routing_key: str | None = None
     ) -> None:
         """Publish a prepared message, mandatory, and wait for the broker's confirm."""
-        assert self._exchange is not None, "use `async with Publisher(...)`"
+        if self._exchange is None:
+            raise RuntimeError("not open: use `async with Publisher(...)`")
         key = routing_key or self._topology.queue
         try:
             await self._exchange.publish(message, key, mandatory=True, timeout=self._timeout_s)
@@ -267,33 +263,12 @@ async def _enumerate(
             yield index, item
 
 
-async def connect(
-    settings: Settings, *, purpose: str, robust: bool = True
-) -> aio_pika.abc.AbstractConnection:
-    """Open a named connection; raise `BrokerUnreachable` if the broker does not answer."""
-    mq = settings.rabbitmq
-    url = mq.url.get_secret_value()
-    opener = aio_pika.connect_robust if robust else aio_pika.connect
-    try:
-        return await opener(
-            url,
-            timeout=mq.connect_timeout_s,
-            heartbeat=mq.heartbeat_s,
-            client_properties={"connection_name": f"memory-worker {purpose} {settings.worker.id}"},
-        )
-    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-        where = urlparse(url)
-        raise BrokerUnreachable(
-            f"no broker at {where.hostname}:{where.port or 5672}: {exc!r}"
-        ) from None
-
-
 @asynccontextmanager
 async def open_publisher(
     settings: Settings, *, purpose: str = "publisher", robust: bool = True
 ) -> AsyncIterator[Publisher]:
     """A connected `Publisher` for these settings; closes its connection on exit."""
-    connection = await connect(settings, purpose=purpose, robust=robust)
+    connection = await connect(settings, purpose, robust=robust)
     topology = Topology.from_settings(settings)
     async with (
         connection,
@@ -334,14 +309,16 @@ class BlockingPublisher:
 
     def publish_item(self, item: ItemLike) -> str:
         """Validate and publish one item; returns its message id once confirmed."""
-        assert self._publisher is not None, "use `with BlockingPublisher(...)`"
+        if self._publisher is None:
+            raise RuntimeError("not open: use `with BlockingPublisher(...)`")
         return self._call(self._publisher.publish_item(item))
 
     def publish_many(
         self, items: Iterable[ItemLike], *, max_outstanding: int = MAX_OUTSTANDING
     ) -> BatchResult:
         """Publish every item with at most `max_outstanding` confirms pending."""
-        assert self._publisher is not None, "use `with BlockingPublisher(...)`"
+        if self._publisher is None:
+            raise RuntimeError("not open: use `with BlockingPublisher(...)`")
         return self._call(self._publisher.publish_many(items, max_outstanding=max_outstanding))
 
     def close(self) -> None:

@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Self
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractRobustConnection
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.breaker import CircuitBreaker, State
-from worker.consumer import CONFIRM_TIMEOUT_S, Consumer
+from worker.broker import CONFIRM_TIMEOUT_S, BrokerUnavailable, connect, masked
+from worker.consumer import Consumer
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
@@ -37,38 +35,6 @@ from worker.transport import HttpClient, TransportError, make_client
 
 log = structlog.get_logger("worker.service")
 RESUBSCRIBE_EVERY_S = 1.0
-
-
-class BrokerUnavailable(Exception):
-    """No broker answered within the startup wait."""
-
-
-def masked(url: str) -> str:
-    """A URL safe to log: the password replaced by `***`."""
-    return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
-
-
-async def connect(settings: Settings) -> AbstractRobustConnection:
-    """Connect to the broker, retrying with backoff for up to `rabbitmq.startup_wait_s`."""
-    mq = settings.rabbitmq
-    url = mq.url.get_secret_value()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + mq.startup_wait_s
-    delay_s = 0.5
-    while True:
-        try:
-            return await aio_pika.connect_robust(
-                url,
-                timeout=mq.connect_timeout_s,
-                heartbeat=mq.heartbeat_s,
-                client_properties={"connection_name": f"memory-worker {settings.worker.id}"},
-            )
-        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-            if loop.time() + delay_s > deadline:
-                raise BrokerUnavailable(f"no broker at {masked(url)}: {exc!r}") from None
-            log.warning("broker_unreachable", url=masked(url), error=repr(exc), retry_in_s=delay_s)
-            await asyncio.sleep(delay_s)
-            delay_s = min(delay_s * 2, 10.0)
 
 
 def make_sink(settings: Settings, client: HttpClient) -> McpSink | HttpSink:
@@ -119,7 +85,7 @@ class Service:
         self._consumer: Consumer | None = None
         self._connection: AbstractRobustConnection | None = None
         self._dispatcher: Dispatcher | None = None
-        self._follower: asyncio.Task[None] | None = None
+        self._steering: asyncio.Task[None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -148,7 +114,7 @@ class Service:
         sink = make_sink(s, client)
         await self._stack.enter_async_context(sink)
         await preflight_sink(sink, s.sink.tool)
-        connection = self._connection = await connect(s)
+        connection = self._connection = await connect(s, wait=True)
         self._stack.push_async_callback(connection.close)
         if s.rabbitmq.declare:
             await self.topology.declare(connection)
@@ -174,7 +140,7 @@ class Service:
         )
         self._stack.push_async_callback(self._consumer.close)
         await self._consumer.start()
-        self._follower = asyncio.create_task(self._steer(self._consumer))
+        self._steering = asyncio.create_task(self._steer(self._consumer))
         self._running = True
         log.info(
             "worker_started",
@@ -243,11 +209,11 @@ class Service:
         self._running = False
         if self._consumer is not None:
             await self._consumer.cancel()
-        if self._follower is not None:
-            self._follower.cancel()
-            [error] = await asyncio.gather(self._follower, return_exceptions=True)
+        if self._steering is not None:
+            self._steering.cancel()
+            [error] = await asyncio.gather(self._steering, return_exceptions=True)
             if not isinstance(error, asyncio.CancelledError | None):
-                log.error("breaker_follower_failed", error=repr(error))
+                log.error("steering_failed", error=repr(error))
         requeued = 0
         if self._dispatcher is not None:
             requeued = await self._dispatcher.drain(self.settings.worker.grace_s)
@@ -282,7 +248,8 @@ class MemoryInserter:
 
     async def insert_batch(self, items: Iterable[MemoryItem | Mapping[str, Any]]) -> list[Outcome]:
         """Store every item, at most `max_concurrent_memory_insertions` at once, in order."""
-        assert self._pipeline is not None, "use `async with MemoryInserter(...)`"
+        if self._pipeline is None:
+            raise RuntimeError("not open: use `async with MemoryInserter(...)`")
         pipeline = self._pipeline
         slots = asyncio.Semaphore(self.settings.concurrency)
 
@@ -310,11 +277,11 @@ async def check(settings: Settings) -> dict[str, str | None]:
     results: dict[str, str | None] = {}
     url = settings.rabbitmq.url.get_secret_value()
     try:
-        connection = await aio_pika.connect(url, timeout=settings.rabbitmq.connect_timeout_s)
+        connection = await connect(settings, "check", robust=False)
         await connection.close()
         results[f"broker {masked(url)}"] = None
-    except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-        results[f"broker {masked(url)}"] = repr(exc)
+    except BrokerUnavailable as exc:
+        results[f"broker {masked(url)}"] = repr(exc.error)
     sink_url = str(settings.pools.session_buddy_url)
     async with make_client(settings) as client, make_sink(settings, client) as sink:
         try:

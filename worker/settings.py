@@ -271,7 +271,11 @@ class Settings(BaseSettings):
 
     @property
     def prefetch(self) -> int:
-        """The concurrency limit and a quarter more (at least one).
+        """The concurrency limit and a quarter more (at least one): the prefetch when closed.
+
+        It stays there whatever the adaptive limit is (only the breaker pauses consuming or
+        probes with 1): a lower limit is enforced by the dispatcher's slots, since changing the
+        prefetch would re-subscribe the consumer.
 
         Every delivered message can start at once, and when a slot frees the next message is
         already here: with prefetch = the limit each slot waits an ack-and-deliver round trip

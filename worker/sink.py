@@ -23,6 +23,7 @@ from typing import Any, Protocol, Self
 
 import orjson
 
+from worker import __version__
 from worker.outcome import Outcome
 from worker.settings import SinkSettings
 from worker.transport import HttpClient, Reply, TransportError, TransportTimeout
@@ -265,7 +266,7 @@ class McpSink:
             "params": {
                 "protocolVersion": PROTOCOL_VERSION,
                 "capabilities": {},
-                "clientInfo": {"name": "memory-worker", "version": "0.1.0"},
+                "clientInfo": {"name": "memory-worker", "version": __version__},
             },
         }
         reply = await self._post(init, MCP_HEADERS)

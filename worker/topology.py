@@ -21,15 +21,9 @@ import httpx
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from worker.broker import masked
 from worker.settings import Settings
 
-H_ATTEMPTS = "x-mw-attempts"
-H_FIRST_FAILURE_MS = "x-mw-first-failure-ms"
-H_LAST_FAILURE_MS = "x-mw-last-failure-ms"
-H_REASON = "x-mw-reason"
-H_DETAIL = "x-mw-detail"
-H_WORKER = "x-mw-worker"
-H_QUEUE = "x-mw-queue"
 DLQ_DELIVERY_LIMIT = 1_000_000
 # One store attempt per delivery (retries go through the broker), but an MCP session re-open
 # can run the store call a second time within the same delivery.
@@ -304,7 +298,7 @@ async def check_queue_policies(
     url = management_queue_url(management_url, amqp_url, topology.queue)
     auth = httpx.BasicAuth(url.username, url.password) if url.username else None
     bare = url.copy_with(username=None, password=None)
-    shown = str(bare.copy_with(path="/"))
+    shown = masked(management_url)
     try:
         async with httpx.AsyncClient(transport=transport, timeout=MANAGEMENT_TIMEOUT_S) as client:
             response = await client.get(bare, auth=auth)

@@ -10,8 +10,9 @@ from urllib.parse import unquote, urlparse, urlunparse
 from aio_pika.abc import AbstractIncomingMessage
 
 from tests.integration.helpers import depth, take_all
+from worker.headers import H_REASON
 from worker.testing import StandIn
-from worker.topology import H_REASON, Topology
+from worker.topology import Topology
 
 FAST_RECONNECT = "reconnect_interval=0.5"
 

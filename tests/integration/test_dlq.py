@@ -17,21 +17,22 @@ from aio_pika.abc import AbstractRobustConnection
 from tests.integration.helpers import depth, item, publish_items, take_all, worker_env
 from worker import dlq
 from worker.cli import dlq_change
-from worker.models import idempotency_key
-from worker.outcome import Reason
-from worker.service import Service
-from worker.settings import Settings
-from worker.testing import StandIn, StandInConfig
-from worker.topology import (
+from worker.headers import (
     H_ATTEMPTS,
     H_DETAIL,
     H_FIRST_FAILURE_MS,
     H_LAST_FAILURE_MS,
     H_QUEUE,
     H_REASON,
+    H_REPLAYED,
     H_WORKER,
-    Topology,
 )
+from worker.models import idempotency_key
+from worker.outcome import Reason
+from worker.service import Service
+from worker.settings import Settings
+from worker.testing import StandIn, StandInConfig
+from worker.topology import Topology
 
 pytestmark = pytest.mark.integration
 
@@ -310,7 +311,7 @@ async def test_cli_replay_resets_counters_and_keeps_the_rest(make_settings, conn
         assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
         assert message.content_type == "application/json"
         headers = dict(message.headers or {})
-        assert headers.pop(dlq.H_REPLAYED) == 1
+        assert headers.pop(H_REPLAYED) == 1
         assert headers.pop("x-origin") == "test"
         assert not {k for k in headers if k.startswith("x-mw-") or "death" in k}
     rest = [key for n, key in enumerate(ids) if n not in (0, 6)]
@@ -437,7 +438,7 @@ async def test_each_replay_is_counted(make_settings, connection):
     for expected in (1, 2):
         assert (await dlq.replay(connection, topology, dlq.Filter())).replayed == 1
         [message] = await take_all(connection, topology.queue)
-        assert dict(message.headers or {})[dlq.H_REPLAYED] == expected
+        assert dict(message.headers or {})[H_REPLAYED] == expected
         async with connection.channel(publisher_confirms=True) as channel:
             dlx = await channel.get_exchange(topology.dead_letter_exchange)
             headers = {**dict(message.headers or {}), H_REASON: "schema"}

@@ -20,11 +20,11 @@ from aio_pika.abc import AbstractRobustConnection
 from pydantic import SecretStr
 
 from tests.integration.helpers import depth, item, take_all, worker_env
+from worker.broker import BrokerUnavailable
 from worker.exitcodes import EXIT_DATAERR, EXIT_UNAVAILABLE
 from worker.models import DecodeError, encode_item, idempotency_key, item_from_dict
 from worker.publisher import (
     BlockingPublisher,
-    BrokerUnreachable,
     ConnectionLost,
     Publisher,
     PublishResult,
@@ -307,9 +307,9 @@ async def test_blocking_publisher_works_from_code_that_is_not_async(make_setting
 
 
 async def test_unreachable_broker_is_a_clear_error(make_settings):
-    """Opening a publisher on a closed port raises BrokerUnreachable naming host and port."""
+    """Opening a publisher on a closed port raises BrokerUnavailable naming host and port."""
     settings = unreachable(make_settings())
-    with pytest.raises(BrokerUnreachable, match=r"127\.0\.0\.1:1\b"):
+    with pytest.raises(BrokerUnavailable, match=r"127\.0\.0\.1:1\b"):
         async with open_publisher(settings):
             pass
 

@@ -17,11 +17,12 @@ from tests.integration.helpers import (
     worker_env,
 )
 from worker.exitcodes import EXIT_CONFIG
+from worker.headers import H_ATTEMPTS, H_DETAIL, H_REASON
 from worker.outcome import Reason
 from worker.publisher import Publisher
 from worker.service import Service
 from worker.testing import StandIn, StandInConfig
-from worker.topology import H_ATTEMPTS, H_DETAIL, H_REASON, Topology
+from worker.topology import Topology
 
 pytestmark = pytest.mark.integration
 

@@ -69,7 +69,6 @@ class FakeDelivery:
     content_type: str | None = JSON
     message_id: str | None = None
     headers: Mapping[str, Any] = field(default_factory=dict)
-    redelivered: bool = False
     settle_result: bool = True
     verdicts: list[Verdict] = field(default_factory=list)
     settled_event: asyncio.Event = field(default_factory=asyncio.Event)

@@ -10,13 +10,13 @@ import pytest
 
 from tests.unit.fakes import Clock, FakeDelivery, FakeSink, until
 from worker.breaker import CircuitBreaker, State
+from worker.headers import H_ATTEMPTS
 from worker.ledger import UNCHECKED, Claim, NoLedger, Status
 from worker.metrics import Metrics
 from worker.outcome import Action, Kind, Outcome
 from worker.pipeline import IN_FLIGHT_ELSEWHERE, Dispatcher, Pipeline
 from worker.settings import CONFIG_ENV, LedgerSettings, Settings, SettingsError, load_settings
 from worker.testing.items import item_body
-from worker.topology import H_ATTEMPTS
 
 KEY = "k-1"
 

@@ -247,3 +247,10 @@ def test_process_metrics_are_exported() -> None:
     text = generate_latest(Metrics(5).registry).decode()
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
         assert f"\n{name} " in text, name
+
+
+async def test_inserter_used_before_opening_is_a_clear_error() -> None:
+    """insert_batch outside `async with` raises RuntimeError, not an assert -O would drop."""
+    inserter = MemoryInserter(make_settings(), sink=FakeSink())
+    with pytest.raises(RuntimeError, match="async with MemoryInserter"):
+        await inserter.insert_batch([valid_item("early")])

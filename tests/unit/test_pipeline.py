@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from tests.unit.fakes import Clock, FakeDelivery, FakeSink, until
 from worker.breaker import CircuitBreaker, State
+from worker.headers import H_ATTEMPTS, H_FIRST_FAILURE_MS
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import idempotency_key
@@ -20,7 +21,6 @@ from worker.outcome import Action, Decision, Kind, Outcome, Reason
 from worker.pipeline import NOT_ATTEMPTED, Dispatcher, Pipeline
 from worker.settings import Settings
 from worker.testing.items import item_body
-from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 
 
 def make_settings(**sections: dict[str, Any]) -> Settings:
@@ -241,7 +241,7 @@ async def test_split_redelivery_after_full_store_is_acked() -> None:
         Action.ACK
     )
     sink.requests.clear()
-    again = await pipeline.handle(delivery(content, message_id="m-3", redelivered=True))
+    again = await pipeline.handle(delivery(content, message_id="m-3"))
     assert sink.requests == []
     assert again.decision.action is Action.ACK
 
@@ -251,7 +251,7 @@ async def test_duplicate_key_is_acked_without_calling_sink() -> None:
     sink = FakeSink()
     pipeline = make_pipeline(sink)
     await pipeline.handle(delivery("same", message_id="dup-1"))
-    again = await pipeline.handle(delivery("same", message_id="dup-1", redelivered=True))
+    again = await pipeline.handle(delivery("same", message_id="dup-1"))
     assert again.outcome.kind is Kind.DUPLICATE
     assert again.decision.action is Action.ACK
     assert len(sink.requests) == 1

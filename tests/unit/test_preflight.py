@@ -10,7 +10,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from worker.consumer import CONFIRM_TIMEOUT_S
+from worker.broker import CONFIRM_TIMEOUT_S
 from worker.settings import Settings
 from worker.topology import (
     Topology,
@@ -243,4 +243,4 @@ async def test_check_queue_policies_only_warns_when_the_api_does_not_answer() ->
     assert failing["event"] == "management_api_failed"
     assert failing["log_level"] == "warning" and failing["status"] == 503
     for entry in logs:
-        assert entry["url"] == "http://mq:15672/" and "pw" not in str(entry)
+        assert entry["url"] == "http://m:***@mq:15672" and "pw" not in str(entry)

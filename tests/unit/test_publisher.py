@@ -15,10 +15,12 @@ from worker.outcome import Reason
 from worker.publisher import (
     BatchFailed,
     BatchResult,
+    BlockingPublisher,
     ConnectionLost,
     Publisher,
     PublishResult,
 )
+from worker.settings import Settings
 from worker.testing.items import valid_item
 from worker.topology import Tier, Topology
 
@@ -132,3 +134,19 @@ def test_a_batch_without_failures_raises_nothing():
     assert confirmed.published == 2 and confirmed.failures == []
     confirmed.raise_for_failures()
     BatchResult(()).raise_for_failures()
+
+
+async def test_publishing_before_opening_is_a_clear_error_even_under_python_o():
+    """A Publisher used outside `async with` raises RuntimeError, not an assert -O would drop."""
+    publisher = Publisher(cast(Any, None), TOPOLOGY)
+    with pytest.raises(RuntimeError, match="async with Publisher"):
+        await publisher.publish_item(valid_item("early"))
+
+
+def test_blocking_publisher_before_opening_is_a_clear_error():
+    """A BlockingPublisher used outside `with` raises RuntimeError naming how to open it."""
+    publisher = BlockingPublisher(Settings())
+    with pytest.raises(RuntimeError, match="with BlockingPublisher"):
+        publisher.publish_item(valid_item("early"))
+    with pytest.raises(RuntimeError, match="with BlockingPublisher"):
+        publisher.publish_many([valid_item("early")])

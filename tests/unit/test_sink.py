@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
+import worker
 from worker.models import decode_item
 from worker.outcome import Kind, Outcome
 from worker.settings import Settings, SinkSettings
@@ -156,6 +157,8 @@ async def test_session_flow(sse: bool) -> None:
     assert outcomes == [Outcome.stored()] * 3
     assert server.methods() == ["initialize", "notifications/initialized", *["tools/call"] * 3]
     assert "mcp-session-id" not in server.requests[0].headers
+    client_info = server.requests[0].json()["params"]["clientInfo"]
+    assert client_info == {"name": "memory-worker", "version": worker.__version__}
     assert {r.headers["mcp-session-id"] for r in server.requests[1:]} == {"session-1"}
     assert sink.sessions_opened == server.opened == 1
     for req in server.requests:

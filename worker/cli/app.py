@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from worker import __version__
+from worker.broker import BrokerUnavailable
 from worker.cli import check, demo, dlq, publish, run
 from worker.cli.common import settings_from_args
 from worker.exitcodes import EXIT_CONFIG, EXIT_FORCED, EXIT_UNAVAILABLE
 from worker.logs import configure_logging
-from worker.service import BrokerUnavailable
 from worker.settings import SettingsError
 from worker.sink import SinkConfigError
 from worker.topology import TopologyError

@@ -21,8 +21,8 @@ from rich.progress import (
 )
 
 from worker import dlq
+from worker.broker import BrokerUnavailable
 from worker.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
-from worker.publisher import BrokerUnreachable
 from worker.runner import run as run_async
 from worker.settings import Settings, load_settings
 
@@ -91,9 +91,9 @@ def run_tool(main: Coroutine[Any, Any, int]) -> int:
         # The reader (`| head`) has what it wanted; Python would otherwise complain at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except (BrokerUnreachable, dlq.DlqError) as exc:
+    except (BrokerUnavailable, dlq.DlqError) as exc:
         Console(stderr=True).print(f"[red]memory-worker:[/] {escape(str(exc))}")
-        return EXIT_UNAVAILABLE if isinstance(exc, BrokerUnreachable) else EXIT_FAILED
+        return EXIT_UNAVAILABLE if isinstance(exc, BrokerUnavailable) else EXIT_FAILED
 
 
 @contextmanager

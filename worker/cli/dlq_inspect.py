@@ -8,10 +8,10 @@ from rich.console import Console
 from rich.markup import escape
 
 from worker import dlq
+from worker.broker import connect
 from worker.cli import dlq_view
 from worker.cli.common import progress
 from worker.exitcodes import EXIT_FAILED, EXIT_OK
-from worker.publisher import connect
 from worker.settings import Settings
 
 

@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from worker import dlq
+from worker.headers import PREFIX
 from worker.settings import Settings
 
 DETAIL_CHARS = 60
@@ -94,7 +95,7 @@ def print_letter(out: Console, d: dlq.DeadLetter, now_ms: int) -> None:
         table.add_row(key, escape(shown))
     out.print(table)
     # x-delivery-count on a quorum DLQ counts reads like this one, not the message's failures.
-    skip = ("x-mw-", "x-delivery-count")
+    skip = (PREFIX, "x-delivery-count")
     other = {k: v for k, v in d.headers.items() if not k.startswith(skip)}
     if other:
         out.print("[bold]headers[/]", escape(json.dumps(_jsonable(other))))

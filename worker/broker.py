@@ -1,0 +1,96 @@
+"""One way onto the broker: a named connection, the error when none opens, URLs safe to print.
+
+Every connection names itself (`memory-worker [purpose] <worker id>`), so `rabbitmqctl
+list_connections client_properties` and the management UI tell the worker from its tools.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Literal, overload
+from urllib.parse import urlsplit, urlunsplit
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
+from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+
+from worker.settings import Settings
+
+log = structlog.get_logger("worker.broker")
+
+#: How long a publish waits for the broker's confirm (a retry, a dead letter, a replay, an
+#: item); the preflight counts it into the consumer_timeout budget, so both read this one.
+CONFIRM_TIMEOUT_S = 30.0
+#: The first and the longest pause between connection attempts while waiting for the broker.
+FIRST_RETRY_S = 0.5
+MAX_RETRY_S = 10.0
+
+
+class BrokerUnavailable(Exception):
+    """No connection to the broker could be opened (within the startup wait, when waiting)."""
+
+    def __init__(self, url: str, error: BaseException) -> None:
+        super().__init__(f"no broker at {masked(url)}: {error!r}")
+        self.error = error
+
+
+def masked(url: str) -> str:
+    """`url` safe to log or print: its password, in the userinfo or a query, replaced by `***`."""
+    original = parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        parts = parts._replace(netloc=f"{userinfo.partition(':')[0]}:***@{host}")
+    if "password=" in parts.query:  # redis-py also takes `?password=`
+        fields = (field.partition("=") for field in parts.query.split("&"))
+        query = "&".join(k + sep + ("***" if k == "password" else v) for k, sep, v in fields)
+        parts = parts._replace(query=query)
+    return url if parts == original else urlunsplit(parts)
+
+
+@overload
+async def connect(
+    settings: Settings,
+    purpose: str | None = None,
+    *,
+    robust: Literal[True] = True,
+    wait: bool = False,
+) -> AbstractRobustConnection: ...
+
+
+@overload
+async def connect(
+    settings: Settings, purpose: str | None = None, *, robust: bool, wait: bool = False
+) -> AbstractConnection: ...
+
+
+async def connect(
+    settings: Settings, purpose: str | None = None, *, robust: bool = True, wait: bool = False
+) -> AbstractConnection:
+    """Open a connection named for `purpose`; raise `BrokerUnavailable` if none opens.
+
+    With `wait`, retry with backoff for up to `rabbitmq.startup_wait_s` (a worker starting
+    beside its broker); without, give up after one attempt (a tool a person is waiting on).
+    A robust connection reconnects by itself later; a plain one ends with the broker.
+    """
+    mq = settings.rabbitmq
+    url = mq.url.get_secret_value()
+    name = " ".join(p for p in ("memory-worker", purpose, settings.worker.id) if p)
+    opener = aio_pika.connect_robust if robust else aio_pika.connect
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + (mq.startup_wait_s if wait else 0.0)
+    delay_s = FIRST_RETRY_S
+    while True:
+        try:
+            return await opener(
+                url,
+                timeout=mq.connect_timeout_s,
+                heartbeat=mq.heartbeat_s,
+                client_properties={"connection_name": name},
+            )
+        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
+            if loop.time() + delay_s > deadline:
+                raise BrokerUnavailable(url, exc) from None
+            log.warning("broker_unreachable", url=masked(url), error=repr(exc), retry_in_s=delay_s)
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, MAX_RETRY_S)
