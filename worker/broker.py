@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import asyncio
 from typing import Literal, overload
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aio_pika
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
+from aiormq.exceptions import InvalidFrameError, ProbableAuthenticationError
 
 from worker.settings import Settings
 
@@ -33,6 +34,29 @@ class BrokerUnavailable(Exception):
     def __init__(self, url: str, error: BaseException) -> None:
         super().__init__(f"no broker at {masked(url)}: {error!r}")
         self.error = error
+
+
+class BrokerRefused(BrokerUnavailable):
+    """The broker answered and refused us (login, vhost): a settings problem, not an outage."""
+
+    def __init__(self, url: str, error: BaseException, why: str) -> None:
+        Exception.__init__(self, f"broker at {masked(url)} {why}")
+        self.error = error
+
+
+def _refusal(url: str, exc: BaseException) -> BrokerRefused | None:
+    """The refusal `exc` stands for, if the broker refused rather than failed to answer."""
+    if isinstance(exc, ProbableAuthenticationError):
+        user = urlsplit(url).username or "guest"
+        return BrokerRefused(url, exc, f"refused the login of user {user!r} (wrong password?)")
+    if isinstance(exc, InvalidFrameError) and "Connection.Close" in str(exc):
+        # RabbitMQ closes the connection at open when the vhost does not exist, or when the
+        # user may not use it; aiormq reports it only as an unexpected frame.
+        vhost = unquote(urlsplit(url).path[1:]) or "/"
+        return BrokerRefused(
+            url, exc, f"refused vhost {vhost!r}: it does not exist or the user may not use it"
+        )
+    return None
 
 
 def masked(url: str) -> str:
@@ -88,9 +112,13 @@ async def connect(
                 heartbeat=mq.heartbeat_s,
                 client_properties={"connection_name": name},
             )
-        except (*CONNECTION_EXCEPTIONS, TimeoutError) as exc:
-            if loop.time() + delay_s > deadline:
+        except (*CONNECTION_EXCEPTIONS, InvalidFrameError, TimeoutError) as exc:
+            if (refused := _refusal(url, exc)) is not None:
+                raise refused from None  # retrying cannot fix a password or a vhost
+            left_s = deadline - loop.time()
+            if left_s <= 0:
                 raise BrokerUnavailable(url, exc) from None
-            log.warning("broker_unreachable", url=masked(url), error=repr(exc), retry_in_s=delay_s)
-            await asyncio.sleep(delay_s)
+            pause_s = min(delay_s, left_s)
+            log.warning("broker_unreachable", url=masked(url), error=repr(exc), retry_in_s=pause_s)
+            await asyncio.sleep(pause_s)
             delay_s = min(delay_s * 2, MAX_RETRY_S)

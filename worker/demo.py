@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 
 from worker.broker import BrokerUnavailable, connect, masked
+from worker.cli.common import console as make_console
 from worker.exitcodes import EXIT_OK, EXIT_UNAVAILABLE
 from worker.headers import H_DETAIL, H_REASON
 from worker.publisher import Publisher
@@ -100,7 +101,7 @@ def _progress(published: int, service: Service, elapsed_s: float) -> Table:
 
 async def run_demo(settings: Settings, items: int = 500, latency_ms: float = 20.0) -> int:
     """Run the demo; returns a process exit code."""
-    console = Console()
+    console = make_console()
     connection = await _broker_or_none(settings)
     if connection is None:
         url = masked(settings.rabbitmq.url.get_secret_value())

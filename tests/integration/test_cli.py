@@ -54,3 +54,43 @@ async def test_check_names_a_ledger_that_does_not_answer(make_settings):
         code, out = await _check({**env, "MAHAVISHNU_LEDGER__URL": "redis://127.0.0.1:9/0"})
     assert code == 1
     assert "ledger redis://127.0.0.1:9/0: FAILED" in out
+
+
+async def _run(env: dict[str, str]) -> tuple[int, str, float]:
+    """`memory-worker run` until it exits: exit code, stderr, seconds it took."""
+    started = asyncio.get_running_loop().time()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "run", env=env, stderr=asyncio.subprocess.PIPE
+    )
+    _, stderr = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, stderr.decode(), asyncio.get_running_loop().time() - started
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("amqp://guest:not-the-password@{host}/", "refused the login of user 'guest'"),
+        ("amqp://guest:guest@{host}/no-such-vhost", "refused vhost 'no-such-vhost'"),
+    ],
+)
+async def test_a_refused_login_or_vhost_fails_at_once_as_a_settings_error(
+    make_settings, amqp_url, url, says
+):
+    """A wrong password or an unknown vhost is not an outage: exit 78 at once, saying which."""
+    host = amqp_url.split("@", 1)[1].split("/", 1)[0]
+    env = worker_env(make_settings(), MAHAVISHNU_RABBITMQ__URL=url.format(host=host))
+    env["MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S"] = "30"
+    code, stderr, _ = await _run(env)
+    assert code == 78, stderr
+    assert says in stderr and "not-the-password" not in stderr
+    assert "broker_unreachable" not in stderr  # never retried
+
+
+async def test_startup_wait_is_waited_out_in_full(make_settings):
+    """With nothing listening, `run` retries for all of rabbitmq.startup_wait_s, then exits 69."""
+    env = worker_env(make_settings(), MAHAVISHNU_RABBITMQ__URL="amqp://guest:guest@127.0.0.1:9/")
+    env["MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S"] = "3"
+    code, stderr, took_s = await _run(env)
+    assert code == 69, stderr
+    assert took_s >= 3.0

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from worker import __version__
-from worker.broker import BrokerUnavailable
+from worker.broker import BrokerRefused, BrokerUnavailable
 from worker.cli import check, demo, dlq, publish, run
 from worker.cli.common import settings_from_args
 from worker.exitcodes import EXIT_CONFIG, EXIT_FORCED, EXIT_UNAVAILABLE
@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args, settings)
     except (TopologyError, SinkConfigError) as exc:
+        return _fail(exc, EXIT_CONFIG)
+    except BrokerRefused as exc:
         return _fail(exc, EXIT_CONFIG)
     except BrokerUnavailable as exc:
         return _fail(exc, EXIT_UNAVAILABLE)

@@ -21,8 +21,8 @@ from rich.progress import (
 )
 
 from worker import dlq
-from worker.broker import BrokerUnavailable
-from worker.exitcodes import EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
+from worker.broker import BrokerRefused, BrokerUnavailable
+from worker.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from worker.runner import run as run_async
 from worker.settings import Settings, load_settings
 
@@ -67,6 +67,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(overrides, config=getattr(args, "config", None))
 
 
+def console(stderr: bool = False) -> Console:
+    """A rich console that wraps only on a terminal: piped output keeps one line per line."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, soft_wrap=not stream.isatty())
+
+
 def positive_int(text: str) -> int:
     """An argument type: an integer of at least 1."""
     value = int(text)
@@ -92,7 +98,9 @@ def run_tool(main: Coroutine[Any, Any, int]) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
     except (BrokerUnavailable, dlq.DlqError) as exc:
-        Console(stderr=True).print(f"[red]memory-worker:[/] {escape(str(exc))}")
+        console(stderr=True).print(f"[red]memory-worker:[/] {escape(str(exc))}")
+        if isinstance(exc, BrokerRefused):
+            return EXIT_CONFIG
         return EXIT_UNAVAILABLE if isinstance(exc, BrokerUnavailable) else EXIT_FAILED
 
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 import argparse
 import re
 
-from rich.console import Console
-
 from worker.cli import dlq_change, dlq_inspect
 from worker.cli.common import (
     BROKER_FLAGS,
     Subparsers,
     add_settings_flags,
+    console,
     positive_float,
     positive_int,
     run_tool,
@@ -155,6 +154,6 @@ def cmd_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
 def _selected(flt: Filter, args: argparse.Namespace) -> bool:
     # Replay and purge act on every dead letter only when asked to in so many words.
     if flt.is_empty and not args.all:
-        Console(stderr=True).print("choose what to act on: --id, --reason, --pool, ... or --all")
+        console(stderr=True).print("choose what to act on: --id, --reason, --pool, ... or --all")
         return False
     return True

@@ -12,7 +12,7 @@ from rich.markup import escape
 from worker import dlq
 from worker.broker import connect
 from worker.cli import dlq_view
-from worker.cli.common import progress
+from worker.cli.common import console, progress
 from worker.exitcodes import EXIT_FAILED, EXIT_OK
 from worker.settings import Settings
 from worker.topology import Topology
@@ -27,7 +27,7 @@ async def replay(
     limit: int | None,
 ) -> int:
     """Send the matching dead letters back to the work queue with their retry counters reset."""
-    out, err = Console(), Console(stderr=True)
+    out, err = console(), console(stderr=True)
     topology = Topology.from_settings(settings)
     async with await connect(settings, purpose="dlq-replay", robust=False) as connection:
         with progress(err, "replaying" if not dry_run else "reading", 0) as advance:
@@ -61,7 +61,7 @@ async def replay(
 
 async def purge(settings: Settings, flt: dlq.Filter, *, yes: bool, limit: int | None) -> int:
     """Remove the matching dead letters for good, after confirmation unless `yes`."""
-    out, err = Console(), Console(stderr=True)
+    out, err = console(), console(stderr=True)
     queue = settings.rabbitmq.dead_letter_queue
     async with await connect(settings, purpose="dlq-purge", robust=False) as connection:
         only: Counter[str] | None = None

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
-from rich.console import Console
 from rich.markup import escape
 
 from worker import dlq
 from worker.broker import connect
 from worker.cli import dlq_view
-from worker.cli.common import progress
+from worker.cli.common import console, progress
 from worker.exitcodes import EXIT_FAILED, EXIT_OK
 from worker.settings import Settings
 
@@ -23,7 +22,7 @@ async def stats(settings: Settings, *, as_json: bool) -> int:
         print(json.dumps(dlq_view.stats_json(snapshot, summary)))
         return EXIT_OK
     dlq_view.caveats(snapshot, settings)
-    dlq_view.print_stats(Console(), snapshot.queue, summary)
+    dlq_view.print_stats(console(), snapshot.queue, summary)
     return EXIT_OK
 
 
@@ -38,7 +37,7 @@ async def list_letters(
             print(json.dumps(letter.envelope()))
         return EXIT_OK
     dlq_view.caveats(snapshot, settings)
-    out = Console()
+    out = console()
     if letters:
         out.print(dlq_view.letters_table(letters, snapshot.read_at_ms))
     out.print(f"{len(letters)} of {len(snapshot.letters)} dead letter(s) match")
@@ -52,14 +51,14 @@ async def show(settings: Settings, letter_id: str, *, as_json: bool) -> int:
     if not letters:
         prefixed = {d.id for d in snapshot.letters if d.id.startswith(letter_id)}
         if len(prefixed) > 1:
-            Console(stderr=True).print(f"{letter_id!r} is a prefix of {len(prefixed)} ids")
+            console(stderr=True).print(f"{letter_id!r} is a prefix of {len(prefixed)} ids")
             return EXIT_FAILED
         letters = [d for d in snapshot.letters if d.id in prefixed]
     if as_json:
         print(json.dumps([dlq_view.show_json(d) for d in letters]))
         return EXIT_OK if letters else EXIT_FAILED
     dlq_view.caveats(snapshot, settings)
-    out = Console()
+    out = console()
     if not letters:
         out.print(f"no dead letter with id {escape(letter_id)!r}")
         return EXIT_FAILED
@@ -72,5 +71,5 @@ async def read(settings: Settings, *, limit: int | None = None) -> dlq.Snapshot:
     """Read the dead-letter queue once, with a progress bar, and hand every message back."""
     queue = settings.rabbitmq.dead_letter_queue
     async with await connect(settings, purpose="dlq-read", robust=False) as connection:
-        with progress(Console(stderr=True), "reading", 0) as advance:
+        with progress(console(stderr=True), "reading", 0) as advance:
             return await dlq.read(connection, queue, limit=limit, on_progress=advance)

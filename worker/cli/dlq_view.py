@@ -11,6 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from worker import dlq
+from worker.cli.common import console
 from worker.headers import PREFIX
 from worker.settings import Settings
 
@@ -46,7 +47,7 @@ def caveats(snapshot: dlq.Snapshot, settings: Settings) -> None:
     if snapshot.consumers:
         warn_consumers(snapshot.consumers, settings)
     if not snapshot.complete:
-        Console(stderr=True).print(
+        console(stderr=True).print(
             f"[yellow]note:[/] read {len(snapshot.letters)} of {snapshot.depth} dead letter(s)"
         )
 
@@ -60,7 +61,7 @@ def warn_consumers(count: int, settings: Settings) -> None:
     if settings.rabbitmq.queue_type == "quorum":
         # Measured on 3.10: a quorum queue puts returned messages in front, in return order.
         text += ", and what they hand back later queues behind what this read handed back"
-    Console(stderr=True).print(text)
+    console(stderr=True).print(text)
 
 
 def letters_table(letters: list[dlq.DeadLetter], now_ms: int, title: str = "") -> Table:

@@ -11,13 +11,13 @@ import sys
 from pathlib import Path
 from typing import BinaryIO
 
-from rich.console import Console
 from rich.markup import escape
 
 from worker.cli.common import (
     BROKER_FLAGS,
     Subparsers,
     add_settings_flags,
+    console,
     positive_int,
     progress,
     run_tool,
@@ -51,7 +51,7 @@ def add_parser(sub: Subparsers) -> None:
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
     """Validate a JSONL file (or stdin) line by line, then publish it with confirms."""
-    err = Console(stderr=True)
+    err = console(stderr=True)
     try:
         if args.file == "-":
             items, bad = _validate(sys.stdin.buffer, settings)
@@ -77,7 +77,7 @@ def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
 async def _publish(
     items: list[tuple[int, MemoryItem]], skipped: int, max_outstanding: int, settings: Settings
 ) -> int:
-    out, err = Console(), Console(stderr=True)
+    out, err = console(), console(stderr=True)
     failures: list[PublishResult] = []
     async with open_publisher(settings, purpose="publish", robust=False) as publisher:
         with progress(err, "publishing", len(items)) as advance:
