@@ -10,6 +10,7 @@ assumed published:
     └── BatchFailed         some items of `publish_many` failed; `.failures` says which
     DecodeError             (worker.models) the item is invalid; it was never sent
     BrokerUnavailable       (worker.broker) `open_publisher` could open no connection at all
+    TopologyError           (worker.topology) on opening: the exchange does not exist
 
 A lost confirm does not mean the broker dropped the message, so a retry may store a duplicate;
 the message id is the item's idempotency key, which the worker uses to drop such duplicates.
@@ -36,7 +37,7 @@ from worker.broker import CONFIRM_TIMEOUT_S, connect
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.outcome import Reason
 from worker.settings import Settings
-from worker.topology import Topology
+from worker.topology import Topology, TopologyError
 
 MAX_OUTSTANDING = 256
 
@@ -131,7 +132,15 @@ class Publisher:
         self._channel = await self._connection.channel(
             publisher_confirms=True, on_return_raises=True
         )
-        self._exchange = await self._channel.get_exchange(self._topology.exchange, ensure=False)
+        name = self._topology.exchange
+        try:
+            # A passive declare: publishing to a missing exchange would only fail at the confirm.
+            self._exchange = await self._channel.get_exchange(name, ensure=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise TopologyError(
+                f"exchange {name!r} does not exist: start a worker first, it declares the "
+                "topology (or check rabbitmq.exchange)"
+            ) from None
         return self
 
     async def __aexit__(

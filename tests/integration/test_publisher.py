@@ -34,7 +34,7 @@ from worker.publisher import (
     publish_items_sync,
 )
 from worker.settings import Settings
-from worker.topology import Topology
+from worker.topology import Topology, TopologyError
 
 pytestmark = pytest.mark.integration
 
@@ -149,11 +149,11 @@ async def test_unroutable_publish_is_an_error(make_settings, connection):
 
 
 async def test_missing_exchange_is_an_error(make_settings, connection):
-    """Publishing to an exchange that does not exist raises Unroutable."""
+    """Opening a publisher on an exchange that does not exist says so, before any publish."""
     settings = make_settings()
-    async with Publisher(connection, Topology.from_settings(settings)) as publisher:
-        with pytest.raises(Unroutable, match="does not exist"):
-            await publisher.publish_item(item(1))
+    with pytest.raises(TopologyError, match=r"exchange '.*' does not exist: start a worker"):
+        async with Publisher(connection, Topology.from_settings(settings)):
+            pass
 
 
 async def test_broker_refusal_is_an_error(make_settings, connection):
