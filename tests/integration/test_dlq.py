@@ -302,7 +302,9 @@ async def test_cli_replay_resets_counters_and_keeps_the_rest(make_settings, conn
     """Replay sends the chosen letters to the work queue clean; the rest stay in order."""
     settings, topology = await declared(make_settings, connection, queue_type)
     ids = await add_dead_letters(connection, topology, 9)
-    code, out, _ = await cli(settings, "dlq", "replay", "--reason", "schema", "--pool", "pool-0")
+    code, out, _ = await cli(
+        settings, "dlq", "replay", "--reason", "schema", "--pool", "pool-0", "--force"
+    )
     assert code == 0 and "replayed 2 of 2" in out
     replayed = await take_all(connection, topology.queue)
     assert [m.message_id for m in replayed] == [ids[0], ids[6]]
@@ -332,12 +334,24 @@ async def test_cli_replay_dry_run_changes_nothing(make_settings, connection):
 
 
 async def test_cli_replay_and_purge_need_a_selection(make_settings, connection):
-    """Replay and purge refuse to act on everything unless --all says so."""
+    """Replay and purge refuse to act on everything unless --all says so: a usage error, 2."""
     settings, topology = await declared(make_settings, connection, "quorum")
     ids = await add_dead_letters(connection, topology, 2)
     for command in (("replay",), ("purge", "--yes")):
         code, _, err = await cli(settings, "dlq", *command)
-        assert code == 1 and "--all" in err
+        assert code == 2 and "--all" in err
+    assert await ids_in(connection, topology.dead_letter_queue) == ids
+
+
+async def test_cli_replay_of_a_reason_a_retry_cannot_fix_needs_force(make_settings, connection):
+    """`replay --reason schema` is refused (exit 2, naming --force); an unknown reason lists
+    the real ones; nothing leaves the DLQ."""
+    settings, topology = await declared(make_settings, connection, "quorum")
+    ids = await add_dead_letters(connection, topology, 2)
+    code, _, err = await cli(settings, "dlq", "replay", "--reason", "schema")
+    assert code == 2 and "--force" in err and "schema" in err
+    code, _, err = await cli(settings, "dlq", "replay", "--reason", "rejected_by_snk")
+    assert code == 2 and "rejected_by_sink" in err
     assert await ids_in(connection, topology.dead_letter_queue) == ids
 
 

@@ -20,7 +20,8 @@ from worker.cli.common import (
     run_tool,
 )
 from worker.dlq import MAX_HOLD, Filter
-from worker.exitcodes import EXIT_FAILED
+from worker.exitcodes import EXIT_USAGE
+from worker.outcome import Reason
 from worker.settings import Settings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -66,6 +67,9 @@ def add_parser(sub: Subparsers) -> None:
     _add_filters(replay, selecting=True)
     replay.add_argument("--dry-run", action="store_true", help="list what would be replayed")
     replay.add_argument("--rate", type=positive_float, help="at most this many messages a second")
+    replay.add_argument(
+        "--force", action="store_true", help="replay reasons a retry cannot fix (e.g. schema)"
+    )
     replay.set_defaults(func=cmd_dlq_replay)
     purge = commands.add_parser(
         "purge",
@@ -86,7 +90,13 @@ def _add_filters(parser: argparse.ArgumentParser, *, selecting: bool = False) ->
             "--id", action="append", default=[], help="message id or its prefix (repeatable)"
         )
         group.add_argument("--all", action="store_true", help="every dead letter")
-    group.add_argument("--reason", action="append", default=[], help="failure reason (repeatable)")
+    group.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        type=reason_name,
+        help="failure reason (repeatable): " + ", ".join(sorted(REASONS)),
+    )
     group.add_argument("--pool", action="append", default=[], help="metadata.pool_id (repeatable)")
     group.add_argument("--older-than", type=parse_duration, help="failed longer ago, e.g. 2h")
     group.add_argument("--newer-than", type=parse_duration, help="failed more recently, e.g. 15m")
@@ -102,6 +112,30 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 15m, 2h or 3d")
     return float(match[1]) * _UNIT_S[match[2]]
+
+
+# Ours (x-mw-reason), then the broker's own (x-death) for what it dead-lettered itself.
+REASONS = frozenset({*(r.value for r in Reason), "delivery_limit", "rejected", "expired", "maxlen"})
+# A retry meets the same bytes and the same rules: these fail again, whatever the sink does.
+PERMANENT = frozenset(
+    r.value
+    for r in (
+        Reason.INVALID_ENCODING,
+        Reason.INVALID_JSON,
+        Reason.WRONG_CONTENT_TYPE,
+        Reason.SCHEMA,
+        Reason.TOO_LARGE,
+    )
+)
+
+
+def reason_name(text: str) -> str:
+    """An argument type: a dead-letter reason that exists."""
+    if text not in REASONS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a reason; the reasons are {', '.join(sorted(REASONS))}"
+        )
+    return text
 
 
 def filter_from_args(args: argparse.Namespace) -> Filter:
@@ -136,7 +170,14 @@ def cmd_dlq_replay(args: argparse.Namespace, settings: Settings) -> int:
     """Send dead letters back to the work queue with their retry counters reset."""
     flt = filter_from_args(args)
     if not _selected(flt, args):
-        return EXIT_FAILED
+        return EXIT_USAGE
+    hopeless = sorted(flt.reasons & PERMANENT) if not args.force else []
+    if hopeless:
+        console(stderr=True).print(
+            f"replaying {', '.join(hopeless)} cannot succeed: the worker refuses such a message "
+            "again. Fix the items and publish them anew, or pass --force to replay anyway."
+        )
+        return EXIT_USAGE
     replay = dlq_change.replay(
         settings, flt, dry_run=args.dry_run, rate_per_s=args.rate, limit=args.limit
     )
@@ -147,7 +188,7 @@ def cmd_dlq_purge(args: argparse.Namespace, settings: Settings) -> int:
     """Remove matching dead letters for good, after confirmation."""
     flt = filter_from_args(args)
     if not _selected(flt, args):
-        return EXIT_FAILED
+        return EXIT_USAGE
     return run_tool(dlq_change.purge(settings, flt, yes=args.yes, limit=args.limit))
 
 
