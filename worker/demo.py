@@ -161,8 +161,8 @@ async def _run(
     await _report(console, connection, topology, standin, items, elapsed_s)
     console.print(
         f"ACT-008 metrics: {insertion['average_throughput_items_per_sec']:,.0f} items/s while "
-        f"inserting, {insertion['average_latency_seconds_per_item'] * 1000:.2f} ms per item, "
-        f"concurrency {insertion['max_concurrent_insertions']}."
+        f"inserting, {insertion['average_latency_seconds_per_item'] * 1000:.2f} ms mean time per "
+        f"item, max concurrency {insertion['max_concurrent_insertions']}."
     )
     return EXIT_OK
 
