@@ -36,15 +36,16 @@ demo: $(STAMP)
 	$(BIN)/memory-worker demo
 
 # The tests marked `slow` (the ten-minute outage test) mostly wait, so they run beside the
-# rest of the suite; their output is printed once both are done, and either failing fails
-# the target.
+# rest of the suite; once both are done their summary (the outage test's ledger) is printed,
+# or the end of their log when they failed; either failing fails the target.
 SLOW_LOG := $(VENV)/slow-tests.log
 
 test: lint typecheck
 	@$(BIN)/pytest -q -s -p no:cacheprovider -m slow > $(SLOW_LOG) 2>&1 & slow=$$!; \
 	$(BIN)/pytest -q -p no:cacheprovider -m "not slow"; suite=$$?; \
 	echo "waiting for the slow tests (a ten-minute outage)..."; wait $$slow; long=$$?; \
-	grep -v '^{' $(SLOW_LOG) | tail -n 20; \
+	if [ $$long -eq 0 ]; then grep -E -o 'outage [0-9]+ s: .*|outage ledger: .*|[0-9]+ passed.*' $(SLOW_LOG); \
+	else grep -v '^{' $(SLOW_LOG) | tail -n 40; fi; \
 	test $$suite -eq 0 && test $$long -eq 0
 
 unit: $(STAMP)

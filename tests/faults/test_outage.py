@@ -57,6 +57,7 @@ async def test_ten_minute_outage_ends_with_zero_dead_letters(make_settings, conn
         f"outage {OUTAGE_S:g} s: {stored_at_start} stored before, {refused} requests refused "
         f"during it (probes and in-flight stores), {parked} retries and parked copies in all"
     )
+    print(f"outage ledger: {ledger}")
     assert open_seen and dead_during == 0
     assert ledger.lost == 0 and ledger.dead == 0 and ledger.stored == published
     assert ledger.still_queued == 0
