@@ -146,6 +146,21 @@ class SinkSettings(BaseModel):
     )
 
 
+    @field_validator("token")
+    @classmethod
+    def _header_safe(cls, value: SecretStr | None) -> SecretStr | None:
+        # It goes into an HTTP header: Latin-1, no line breaks, or every store would fail.
+        if value is not None:
+            text = value.get_secret_value()
+            if any(c in text for c in "\r\n") or not text.isprintable():
+                raise ValueError("must be printable, without line breaks")
+            try:
+                text.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError("must be Latin-1 (it is sent in an HTTP header)") from None
+        return value
+
+
 class RetrySettings(BaseModel):
     """Backoff for transient failures; waits happen in broker-side delay queues."""
 

@@ -108,3 +108,13 @@ def test_files_loaded_are_recorded(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     settings = load_settings(config=f"{first}:{second}")
     assert settings.files == (str(first), str(second))
     assert settings.concurrency == 4
+
+
+@pytest.mark.parametrize("token", ["tök€n", "line\nbreak"])
+def test_a_token_that_cannot_be_a_header_is_refused_at_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, token: str
+) -> None:
+    """sink.token goes into an HTTP header: non-Latin-1 or a line break fails at load, masked."""
+    error, _ = load_with(monkeypatch, tmp_path, MAHAVISHNU_SINK__TOKEN=token)
+    assert "sink.token = **** (env MAHAVISHNU_SINK__TOKEN)" in error
+    assert token not in error
