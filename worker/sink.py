@@ -25,7 +25,7 @@ import orjson
 
 from worker import __version__
 from worker.outcome import Outcome
-from worker.settings import SinkSettings
+from worker.sections import SinkSettings
 from worker.transport import HttpClient, Reply, TransportError, TransportTimeout
 
 PROTOCOL_VERSION = "2025-06-18"

@@ -11,7 +11,8 @@ import pytest
 from aiohttp import web
 
 from worker.outcome import Kind
-from worker.settings import Settings, SinkSettings, load_settings
+from worker.sections import SinkSettings
+from worker.settings import Settings, load_settings
 from worker.sink import HttpSink, McpSink, StoreRequest
 from worker.transport import TransportError, TransportTimeout, make_client
 

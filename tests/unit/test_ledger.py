@@ -15,7 +15,8 @@ from worker.ledger import UNCHECKED, Claim, NoLedger, Status
 from worker.metrics import Metrics
 from worker.outcome import Action, Kind, Outcome
 from worker.pipeline import IN_FLIGHT_ELSEWHERE, Dispatcher, Pipeline
-from worker.settings import CONFIG_ENV, LedgerSettings, Settings, SettingsError, load_settings
+from worker.sections import LedgerSettings
+from worker.settings import CONFIG_ENV, Settings, SettingsError, load_settings
 from worker.testing.items import item_body
 
 KEY = "k-1"

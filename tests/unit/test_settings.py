@@ -50,7 +50,7 @@ def test_defaults() -> None:
 
 def test_concurrency_field_declares_act008_bounds() -> None:
     """The concurrency field is declared with default 10 and bounds 1..50."""
-    from worker.settings import PoolsSettings
+    from worker.sections import PoolsSettings
 
     info = PoolsSettings.model_fields["max_concurrent_memory_insertions"]
     bounds = {type(m).__name__: m for m in info.metadata}

@@ -15,7 +15,8 @@ import pytest
 import worker
 from worker.models import decode_item
 from worker.outcome import Kind, Outcome
-from worker.settings import Settings, SinkSettings
+from worker.sections import SinkSettings
+from worker.settings import Settings
 from worker.sink import HttpSink, McpSink, StoreRequest, reflection_arguments
 from worker.testing.items import valid_item
 from worker.transport import Reply, TransportError, TransportTimeout, make_client
