@@ -10,9 +10,10 @@ import orjson
 import pytest
 from aiohttp import web
 
+from worker.mcp import McpSink
 from worker.outcome import Kind
 from worker.settings import Settings, SinkSettings, load_settings
-from worker.sink import HttpSink, McpSink, StoreRequest
+from worker.sink import HttpSink, StoreRequest
 from worker.transport import TransportError, TransportTimeout, make_client
 
 STORED_TEXT = "💾 Reflection stored successfully!"

@@ -12,10 +12,11 @@ from typing import Any, NamedTuple
 
 import pytest
 
+from worker.mcp import McpSink, reflection_arguments
 from worker.models import decode_item
 from worker.outcome import Kind, Outcome
 from worker.settings import Settings, SinkSettings
-from worker.sink import HttpSink, McpSink, StoreRequest, reflection_arguments
+from worker.sink import HttpSink, StoreRequest
 from worker.testing.items import valid_item
 from worker.transport import Reply, TransportError, TransportTimeout, make_client
 
