@@ -34,9 +34,9 @@ import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
-from worker.consumer import copy_message
 from worker.models import idempotency_key
 from worker.publisher import Publisher, PublishFailed
+from worker.settle import copy_message
 from worker.topology import (
     H_ATTEMPTS,
     H_DETAIL,

@@ -21,7 +21,7 @@ from aio_pika.abc import AbstractRobustConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.breaker import CircuitBreaker, State
-from worker.consumer import CONFIRM_TIMEOUT_S, Consumer
+from worker.consumer import Consumer
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
@@ -32,6 +32,7 @@ from worker.ops import OpsServer
 from worker.outcome import Outcome
 from worker.pipeline import Dispatcher, Pipeline
 from worker.settings import Settings
+from worker.settle import CONFIRM_TIMEOUT_S
 from worker.sink import HttpSink, Sink, SinkConfigError
 from worker.topology import Topology, check_consumer_timeout, check_queue_policies
 from worker.transport import HttpClient, TransportError, make_client

@@ -10,8 +10,8 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from worker.consumer import CONFIRM_TIMEOUT_S
 from worker.settings import Settings
+from worker.settle import CONFIRM_TIMEOUT_S
 from worker.topology import (
     Topology,
     TopologyError,
