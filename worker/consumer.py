@@ -21,7 +21,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.abc import DeliveredMessage
 
 from worker.acks import AckBatcher
-from worker.pipeline import Dispatcher
+from worker.dispatch import Dispatcher
 from worker.settle import CONFIRM_TIMEOUT_S, AmqpDelivery, Outbox
 from worker.topology import Topology
 

@@ -2,23 +2,21 @@
 
 `Pipeline.handle` turns one delivery into one outcome and settles it exactly once, as soon
 as its own insert ends: there is no batch barrier, so a slow item never holds back others.
-`Dispatcher` bounds concurrency with a semaphore taken *before* a task exists, keeps every
-task in a set so none is lost, and drains within a grace period at shutdown.
+How many run at once is `worker.dispatch`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import structlog
 
 from worker.breaker import CircuitBreaker, State
-from worker.ledger import Claim, Ledger, NoLedger, Status
+from worker.ledger import Claim, Ledger, NoLedger, RecentKeys, Status
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
@@ -54,26 +52,6 @@ class Delivery(Protocol):
     async def settle(self, verdict: Verdict) -> bool:
         """Ack, retry, dead-letter or requeue; False when the channel was already gone."""
         ...
-
-
-class RecentKeys:
-    """A bounded LRU of idempotency keys this process has stored."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._keys: OrderedDict[str, None] = OrderedDict()
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def add(self, key: str) -> None:
-        """Remember a stored key, forgetting the oldest beyond the bound."""
-        if self._size <= 0:
-            return
-        self._keys[key] = None
-        self._keys.move_to_end(key)
-        if len(self._keys) > self._size:
-            self._keys.popitem(last=False)
 
 
 def previous_attempts(headers: Mapping[str, Any]) -> int:
@@ -317,86 +295,3 @@ class Pipeline:
             settled=settled,
         )
         return verdict
-
-
-class Dispatcher:
-    """Runs `Pipeline.handle` for each delivery, never more than the current limit at once.
-
-    A delivery gets its task only once a slot is free (the slot before the task, as in arq);
-    until then it waits in line, first come first served. Every task is kept in a set and
-    reaped, so none is lost, and `drain` finishes or requeues each one within a grace period.
-    """
-
-    def __init__(self, pipeline: Pipeline, limit: int) -> None:
-        self._pipeline = pipeline
-        self.limit = limit
-        self._running = 0
-        self._waiting: deque[Delivery] = deque()
-        self._tasks: set[asyncio.Task[Verdict]] = set()
-        self._closing = False
-
-    def __repr__(self) -> str:
-        return (
-            f"<Dispatcher running={self._running} limit={self.limit} "
-            f"waiting={len(self._waiting)} closing={self._closing}>"
-        )
-
-    @property
-    def in_flight(self) -> int:
-        """Deliveries being handled now."""
-        return self._running
-
-    def resize(self, limit: int) -> None:
-        """Let `limit` deliveries run at once from now on; running ones are not taken back."""
-        self.limit = limit
-        self._start_waiting()
-
-    def submit(self, delivery: Delivery) -> None:
-        """Start handling a delivery once a slot is free; requeue it if we are draining."""
-        if self._closing:
-            self._spawn(self._pipeline.requeue(delivery))
-            return
-        self._waiting.append(delivery)
-        self._start_waiting()
-
-    def _start_waiting(self) -> None:
-        while self._waiting and self._running < self.limit and not self._closing:
-            self._running += 1
-            self._spawn(self._run(self._waiting.popleft()))
-
-    def _spawn(self, work: Coroutine[Any, Any, Verdict]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-
-    def _reap(self, task: asyncio.Task[Verdict]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            # Settling raised something the consumer does not know; the broker redelivers.
-            log.error("delivery_task_failed", error=repr(exc))
-
-    async def _run(self, delivery: Delivery) -> Verdict:
-        try:
-            return await self._pipeline.handle(delivery)
-        finally:
-            self._running -= 1
-            self._start_waiting()
-
-    async def drain(self, grace_s: float) -> int:
-        """Stop taking work, let in-flight inserts finish within `grace_s`, requeue the rest.
-
-        Returns how many deliveries were handed back: running inserts cancelled at the end of
-        the grace period, and deliveries still waiting for a slot (requeued, never started).
-        """
-        self._closing = True
-        waiting = len(self._waiting)
-        while self._waiting:
-            self._spawn(self._pipeline.requeue(self._waiting.popleft()))
-        pending = set(self._tasks)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=grace_s)
-        for task in pending:
-            task.cancel()
-        # Requeues of deliveries that arrived meanwhile are awaited too.
-        await asyncio.gather(*pending, *self._tasks, return_exceptions=True)
-        return len(pending) + waiting

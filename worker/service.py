@@ -22,6 +22,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
 from worker.breaker import CircuitBreaker, State
 from worker.consumer import Consumer
+from worker.dispatch import Dispatcher
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
@@ -30,7 +31,7 @@ from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.ops import OpsServer
 from worker.outcome import Outcome
-from worker.pipeline import Dispatcher, Pipeline
+from worker.pipeline import Pipeline
 from worker.settings import Settings
 from worker.settle import CONFIRM_TIMEOUT_S
 from worker.sink import HttpSink, Sink, SinkConfigError
