@@ -13,7 +13,8 @@ from rich.console import Console
 
 from worker.cli import dlq_change, dlq_inspect
 from worker.cli.common import Subparsers, add_settings_flags, positive_float, positive_int, run_tool
-from worker.dlq import MAX_HOLD, Filter
+from worker.dlq import MAX_HOLD
+from worker.dlq_model import Filter
 from worker.exitcodes import EXIT_FAILED
 from worker.settings import Settings
 
