@@ -20,9 +20,9 @@ from worker.ledger import Claim, Ledger, NoLedger, RecentKeys, Status
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
-from worker.outcome import Action, Decision, Kind, Outcome, Reason, RetryPolicy, classify
+from worker.outcome import Action, Decision, Kind, Outcome, RetryPolicy, classify
 from worker.settings import Settings
-from worker.sink import Sink, StoreRequest
+from worker.sink import Sink, StoreRequest, store_requests
 from worker.topology import H_ATTEMPTS, H_FIRST_FAILURE_MS
 
 log = structlog.get_logger("worker.pipeline")
@@ -93,11 +93,11 @@ class Pipeline:
         """Store one item within the per-item timeout; never raises for a failed store."""
         if key in self._recent:
             return _DUPLICATE
-        requests = self._requests(item, key)
+        requests = store_requests(item, key, self._settings.sink)
         if isinstance(requests, Outcome):
             return requests
         await self._wait_out_retry_after()
-        admitted, probe = await self._admit()
+        admitted, probe = (True, False) if self._breaker is None else await self._breaker.admit()
         if not admitted:
             return Outcome.transient(NOT_ATTEMPTED)
         claim = await self._claim(key, requests)
@@ -174,26 +174,6 @@ class Pipeline:
             self._metrics.sink_pauses.inc()
         self._resume_at = until
 
-    async def _admit(self) -> tuple[bool, bool]:
-        """Whether a store may start, and whether it is the half-open probe.
-
-        While a probe is out the other stores wait for its verdict rather than being handed
-        back: a requeued message comes straight back, and a wait is bounded by the probe's
-        own timeout.
-        """
-        breaker = self._breaker
-        while breaker is not None:
-            changed = breaker.changed  # taken before looking, so no transition is missed
-            state = breaker.state
-            if state is State.CLOSED:
-                break
-            if state is State.OPEN:
-                return False, False
-            if breaker.try_probe():
-                return True, True
-            await changed.wait()
-        return True, False
-
     def _report(self, outcome: Outcome, probe: bool) -> None:
         """Tell the breaker what the sink did."""
         if self._breaker is None:
@@ -204,22 +184,6 @@ class Pipeline:
             self._breaker.success()
         elif probe:
             self._breaker.release()
-
-    def _requests(self, item: MemoryItem, key: str) -> list[StoreRequest] | Outcome:
-        metadata = item.metadata.model_dump(mode="json", exclude_none=True)
-        limit = self._settings.sink.max_content_chars
-        content = item.content
-        if len(content) <= limit:
-            return [StoreRequest(content, metadata, key)]
-        if self._settings.sink.oversize == "dead_letter":
-            detail = f"content has {len(content)} characters; the sink keeps at most {limit}"
-            return Outcome.invalid(Reason.TOO_LARGE, detail)
-        chunks = [content[i : i + limit] for i in range(0, len(content), limit)]
-        total = len(chunks)
-        return [
-            StoreRequest(chunk, metadata, f"{key}#{n}/{total}", (f"part:{n}/{total}", f"of:{key}"))
-            for n, chunk in enumerate(chunks, 1)
-        ]
 
     async def requeue(self, delivery: Delivery) -> Verdict:
         """Hand a delivery back untouched because the worker is stopping; logged like any other."""

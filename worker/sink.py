@@ -17,7 +17,9 @@ from typing import Any, Protocol, Self
 
 import orjson
 
-from worker.outcome import Outcome
+from worker.models import MemoryItem
+from worker.outcome import Outcome, Reason
+from worker.settings import SinkSettings
 from worker.transport import HttpClient, Reply, TransportError, TransportTimeout
 
 DETAIL_CHARS = 1000
@@ -57,6 +59,24 @@ def http_failure(reply: Reply) -> Outcome:
     if status in (401, 403, 408, 425, 429) or status >= 500:
         return Outcome.transient(detail, reply.retry_after_s, overload=status in (429, 503))
     return Outcome.rejected(detail)
+
+
+def store_requests(item: MemoryItem, key: str, sink: SinkSettings) -> list[StoreRequest] | Outcome:
+    """The store calls an item needs: one, linked parts when too long, or `too_large`."""
+    metadata = item.metadata.model_dump(mode="json", exclude_none=True)
+    limit = sink.max_content_chars
+    content = item.content
+    if len(content) <= limit:
+        return [StoreRequest(content, metadata, key)]
+    if sink.oversize == "dead_letter":
+        detail = f"content has {len(content)} characters; the sink keeps at most {limit}"
+        return Outcome.invalid(Reason.TOO_LARGE, detail)
+    chunks = [content[i : i + limit] for i in range(0, len(content), limit)]
+    total = len(chunks)
+    return [
+        StoreRequest(chunk, metadata, f"{key}#{n}/{total}", (f"part:{n}/{total}", f"of:{key}"))
+        for n, chunk in enumerate(chunks, 1)
+    ]
 
 
 class HttpSink:
