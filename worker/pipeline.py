@@ -90,24 +90,59 @@ class Pipeline:
         self._ledger: Ledger = ledger if ledger is not None else NoLedger()
 
     async def store_item(self, item: MemoryItem, key: str) -> Outcome:
-        """Store one item within the per-item timeout; never raises for a failed store."""
+        """Store one item within the per-item timeout; never raises for a failed store.
+
+        Three steps: admission (Retry-After, breaker, ledger claim), the attempt (each part,
+        within the timeout), and the report (metrics, limit, breaker, Retry-After, ledger).
+        """
         if key in self._recent:
             return _DUPLICATE
         requests = store_requests(item, key, self._settings.sink)
         if isinstance(requests, Outcome):
             return requests
-        await self._wait_out_retry_after()
-        admitted, probe = (True, False) if self._breaker is None else await self._breaker.admit()
-        if not admitted:
-            return Outcome.transient(NOT_ATTEMPTED)
-        claim = await self._claim(key, requests)
-        if isinstance(claim, Outcome):
-            self._report(claim, probe)  # hands a half-open probe back
-            return claim
-        timeout_s = self._settings.sink.timeout_s
-        outcome = _DUPLICATE  # stays so only if every part was stored before
+        admitted = await self._admission(key, requests)
+        if isinstance(admitted, Outcome):
+            return admitted
+        claim, probe = admitted
         self._metrics.insert_started()
         started = time.perf_counter()
+        outcome = await self._attempt(requests, key, claim, probe, started)
+        await self._report(outcome, key, claim, probe, started)
+        return outcome
+
+    async def _admission(
+        self, key: str, requests: list[StoreRequest]
+    ) -> tuple[Claim, bool] | Outcome:
+        """The ledger's claim and whether this store is the breaker's probe, or why not to store."""
+        # Each check costs an await only when it has something to wait for.
+        if self._resume_at > time.monotonic():
+            await self._wait_out_retry_after()
+        breaker, probe = self._breaker, False
+        if breaker is not None and breaker.state is not State.CLOSED:
+            admitted, probe = await breaker.admit()
+            if not admitted:
+                return Outcome.transient(NOT_ATTEMPTED)
+        # Only `stored` skips a store. The claim covers the whole item, so one worker at a time
+        # stores its parts; each part is marked as it is stored, so a retry skips those.
+        parts = [r.key for r in requests] if len(requests) > 1 else []
+        claim = await self._ledger.claim(key, parts)
+        if claim.status is Status.STORED:
+            self._recent.add(key)
+            skipped = _DUPLICATE
+        elif claim.status is Status.ELSEWHERE:
+            skipped = Outcome.deferred(IN_FLIGHT_ELSEWHERE)
+        else:
+            return claim, probe
+        if probe and breaker is not None:
+            breaker.release()  # the sink was not asked: another store may probe it
+        return skipped
+
+    async def _attempt(
+        self, requests: list[StoreRequest], key: str, claim: Claim, probe: bool, started: float
+    ) -> Outcome:
+        """Store each part not stored before, all within the per-item timeout."""
+        timeout_s = self._settings.sink.timeout_s
+        outcome = _DUPLICATE  # stays so only if every part was stored before
         try:
             async with asyncio.timeout(timeout_s):
                 for request in requests:
@@ -122,41 +157,47 @@ class Pipeline:
                 else:
                     self._recent.add(key)  # every part stored: a redelivery is a duplicate
         except TimeoutError:
-            outcome = Outcome.timeout(timeout_s)
+            return Outcome.timeout(timeout_s)
         except BaseException:
+            await self._abandon(outcome, claim, probe, started)
+            raise
+        return outcome
+
+    async def _abandon(self, outcome: Outcome, claim: Claim, probe: bool, started: float) -> None:
+        """A cancelled or crashed attempt: hand back the probe and the claim, end the insert."""
+        try:
             if probe and self._breaker is not None:
                 self._breaker.release()
             await self._ledger.release(claim)
-            raise
         finally:
-            latency_s = time.perf_counter() - started
-            if self._limit is not None and outcome.kind is not Kind.DUPLICATE:
-                # Read before insert_finished: the stores running while this one ran, itself too.
-                self._limit.observe(latency_s, outcome.overload, self._metrics.in_flight)
-            self._metrics.insert_finished(outcome.kind is Kind.STORED, latency_s)
-        self._report(outcome, probe)
+            self._measure(outcome, started)
+
+    async def _report(
+        self, outcome: Outcome, key: str, claim: Claim, probe: bool, started: float
+    ) -> None:
+        """Tell the metrics, the limit, the breaker and the ledger how the attempt ended."""
+        self._measure(outcome, started)
+        kind, breaker = outcome.kind, self._breaker
+        if breaker is not None:
+            if kind in (Kind.TRANSIENT, Kind.TIMEOUT):
+                breaker.failure(outcome.detail)
+            elif kind in (Kind.STORED, Kind.REJECTED):
+                breaker.success()
+            elif probe:
+                breaker.release()  # no verdict on the sink (a duplicate): let another probe
         if outcome.retry_after_s:
             self._hold_off(outcome.retry_after_s)
-        if outcome.kind in (Kind.STORED, Kind.DUPLICATE):
+        if kind in (Kind.STORED, Kind.DUPLICATE):
             await self._ledger.mark_stored(key)
         else:
             await self._ledger.release(claim)  # not stored: whoever gets it next may store it
-        return outcome
 
-    async def _claim(self, key: str, requests: list[StoreRequest]) -> Claim | Outcome:
-        """Claim the item in the shared ledger; the outcome instead if stored or being stored.
-
-        Only `stored` skips a store. The claim covers the whole item, so one worker at a time
-        stores its parts; each part is marked as it is stored, so a retry skips those.
-        """
-        parts = [r.key for r in requests] if len(requests) > 1 else []
-        claim = await self._ledger.claim(key, parts)
-        if claim.status is Status.STORED:
-            self._recent.add(key)
-            return _DUPLICATE
-        if claim.status is Status.ELSEWHERE:
-            return Outcome.deferred(IN_FLIGHT_ELSEWHERE)
-        return claim
+    def _measure(self, outcome: Outcome, started: float) -> None:
+        latency_s = time.perf_counter() - started
+        if self._limit is not None and outcome.kind is not Kind.DUPLICATE:
+            # Read before insert_finished: the stores running while this one ran, itself too.
+            self._limit.observe(latency_s, outcome.overload, self._metrics.in_flight)
+        self._metrics.insert_finished(outcome.kind is Kind.STORED, latency_s)
 
     async def _wait_out_retry_after(self) -> None:
         """Start no store while the sink's Retry-After runs: it asked all of us, not one item."""
@@ -173,17 +214,6 @@ class Pipeline:
             log.warning("sink_retry_after", wait_s=round(until - now, 3))
             self._metrics.sink_pauses.inc()
         self._resume_at = until
-
-    def _report(self, outcome: Outcome, probe: bool) -> None:
-        """Tell the breaker what the sink did."""
-        if self._breaker is None:
-            return
-        if outcome.kind in (Kind.TRANSIENT, Kind.TIMEOUT):
-            self._breaker.failure(outcome.detail)
-        elif outcome.kind in (Kind.STORED, Kind.REJECTED):
-            self._breaker.success()
-        elif probe:
-            self._breaker.release()
 
     async def requeue(self, delivery: Delivery) -> Verdict:
         """Hand a delivery back untouched because the worker is stopping; logged like any other."""
