@@ -1,9 +1,4 @@
-"""The dispatcher: at most the current limit of deliveries handled at once, FIFO, drained.
-
-A slot is taken *before* a task exists (as in arq), so a burst of deliveries never becomes a
-burst of tasks; every task is kept in a set and reaped, and `drain` finishes or requeues each
-one within a grace period at shutdown.
-"""
+"""The dispatcher: at most the current limit of deliveries handled at once, FIFO, drained."""
 
 from __future__ import annotations
 
