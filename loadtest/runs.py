@@ -28,6 +28,7 @@ sink: from the call reaching it to the row stored; else from the worker's log li
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -103,7 +104,7 @@ async def _phases(ctx: RunContext) -> None:
         await profiler.wait()
     if spec.paced_s > 0:
         measured = result.get("prefilled", {}).get("throughput_items_per_s")
-        capacity = min(x for x in (spec.ideal_items_per_s, measured) if x and x == x)
+        capacity = min(x for x in (spec.ideal_items_per_s, measured) if x and not math.isnan(x))
         rate = max(1.0, spec.paced_load * capacity)
         seqs = range(seq, seq + max(20, int(rate * spec.paced_s)))
         seq = seqs.stop

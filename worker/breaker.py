@@ -67,6 +67,24 @@ class CircuitBreaker:
         self._probing = True
         return True
 
+    async def admit(self) -> tuple[bool, bool]:
+        """Whether a store may start, and whether it is the half-open probe.
+
+        While a probe is out the other stores wait for its verdict rather than being handed
+        back: a requeued message comes straight back, and a wait is bounded by the probe's
+        own timeout.
+        """
+        while True:
+            changed = self.changed  # taken before looking, so no transition is missed
+            state = self.state
+            if state is State.CLOSED:
+                return True, False
+            if state is State.OPEN:
+                return False, False
+            if self.try_probe():
+                return True, True
+            await changed.wait()
+
     def success(self) -> None:
         """The sink answered (stored, or refused the item for good): it is working."""
         self._failures = 0

@@ -13,6 +13,8 @@ The ledger can only remove duplicates, never an item: it says "skip" only for `s
 Redis is unreachable, slow or odd, the item is stored as if there were no ledger
 (at-least-once, duplicates possible) and Redis is asked again after `RECHECK_S`; one log line
 per change of state. A single Redis (not Cluster): a split item's keys go in one script.
+In front of it, `RecentKeys` remembers what this process stored, so its own redeliveries are
+caught without asking Redis (and without a ledger at all).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import secrets
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -119,6 +122,26 @@ class NoLedger:
 
     async def release(self, claim: Claim) -> None:
         """Nothing to release."""
+
+
+class RecentKeys:
+    """A bounded LRU of idempotency keys this process has stored."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._keys: OrderedDict[str, None] = OrderedDict()
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+    def add(self, key: str) -> None:
+        """Remember a stored key, forgetting the oldest beyond the bound."""
+        if self._size <= 0:
+            return
+        self._keys[key] = None
+        self._keys.move_to_end(key)
+        if len(self._keys) > self._size:
+            self._keys.popitem(last=False)
 
 
 class RedisLedger:

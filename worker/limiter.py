@@ -149,7 +149,8 @@ class AdaptiveLimit:
         # The running mean is cheap enough to test on every store; the percentile only at the end.
         baseline_s = self.unloaded_s
         if baseline_s is None:
-            baseline_s = min(self._fastest_s, min(latencies))
+            # Not min(a, *latencies): that would copy the window into a tuple on every store.
+            baseline_s = min(self._fastest_s, min(latencies))  # noqa: PLW3301
         early = self._total_s >= self._early_above * baseline_s * count
         if (early or count >= max(self._window, self._window_limit)) and (
             self._clock() - self._started_s >= self._min_window_s
@@ -165,20 +166,30 @@ class AdaptiveLimit:
         ours = wall_s > 0 and busy_s >= self._busy_share * wall_s
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
+        unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)
+        if unloaded_s is None:
+            return  # the window went to learning how fast the sink is unloaded
+        ratio = typical_s / unloaded_s if unloaded_s > 0 else 1.0
+        self._decide(*self._next_limit(ratio, saturated, overloaded))
+
+    def _learn_unloaded(
+        self, typical_s: float, fastest_s: float, early: bool, ours: bool
+    ) -> float | None:
+        """The unloaded latency this window teaches; None when it decided the limit itself."""
         if self._probing:
             if self._busiest > 1:
                 self._decide(1, "probe")  # stores started before the probe are still ending
-                return
+                return None
             self._probing = False
             self.unloaded_s = typical_s
-        elif ours and not overloaded:
+        elif ours:
             # Our event loop was the queue: the latency says nothing about the sink, not even
             # how fast it is unloaded (a first window on a busy machine would set it high);
             # its fastest store still lets the next window see a queue by its mean.
             if self.unloaded_s is None:
-                self._fastest_s = min(self._fastest_s, latencies[0])
+                self._fastest_s = min(self._fastest_s, fastest_s)
             self._decide(min(self.maximum, self.limit * 2), "own_cpu")
-            return
+            return None
         elif self.unloaded_s is None:
             if early:
                 # The first stores queued behind each other: how fast the sink is unloaded is
@@ -186,40 +197,45 @@ class AdaptiveLimit:
                 # so measure it: one store at a time until a window ran wholly alone.
                 self._probing = True
                 self._decide(1, "probe")
-                return
+                return None
             self.unloaded_s = typical_s
         elif self._busiest == 1:
             self.unloaded_s = typical_s  # every store in the window ran alone
         else:
             self.unloaded_s = min(self.unloaded_s, typical_s)
-        ratio = typical_s / self.unloaded_s if self.unloaded_s > 0 else 1.0
+        return self.unloaded_s
+
+    def _next_limit(self, ratio: float, saturated: bool, overloaded: bool) -> tuple[int, str]:
+        """The limit for the next window and why, from the latency ratio and the signals."""
         limit = self.limit
         good = ratio < self._grow_below and saturated and not overloaded
         self._good_windows = self._good_windows + 1 if good else 0
         if overloaded:
-            limit, why = limit // 2, "overload"
-        elif ratio > self._shrink_above:
+            return limit // 2, "overload"
+        if ratio > self._shrink_above:
             shrunk = max(1, math.floor(limit * max(0.5, self._shrink_above / ratio)))
             if shrunk < limit:
                 # Latency was too high here: come back only with evidence of more capacity.
                 self._ceiling, self._capacity = limit, limit / ratio
-            limit, why = shrunk, "latency"
-        elif good:
-            flat = ratio < self._flat_below
-            ceiling = self._ceiling
-            # Flat latency at a quarter above what the sink served at the ceiling, or a long
-            # run of good windows: the capacity is back. Flat below that says nothing: one
-            # call at a time is flat on a sink that serves one call at a time.
-            more = flat and limit >= 1.25 * self._capacity + 1
-            if ceiling is not None and (more or self._good_windows >= self._patience):
-                ceiling = self._ceiling = None
-            grown = limit * 2 if flat and ceiling is None else limit + max(1, limit // 4)
-            if ceiling is not None and grown >= ceiling:
-                grown = max(limit, ceiling - 1)
-            limit, why = grown, "headroom"
-        else:
-            why = "steady"
-        self._decide(limit, why)
+            return shrunk, "latency"
+        if good:
+            return self._grown(limit, ratio), "headroom"
+        return limit, "steady"
+
+    def _grown(self, limit: int, ratio: float) -> int:
+        """A larger limit: doubled while latency is flat and no ceiling holds, else a quarter."""
+        flat = ratio < self._flat_below
+        ceiling = self._ceiling
+        # Flat latency at a quarter above what the sink served at the ceiling, or a long
+        # run of good windows: the capacity is back. Flat below that says nothing: one
+        # call at a time is flat on a sink that serves one call at a time.
+        more = flat and limit >= 1.25 * self._capacity + 1
+        if ceiling is not None and (more or self._good_windows >= self._patience):
+            ceiling = self._ceiling = None
+        grown = limit * 2 if flat and ceiling is None else limit + max(1, limit // 4)
+        if ceiling is not None and grown >= ceiling:
+            grown = max(limit, ceiling - 1)
+        return grown
 
     def _decide(self, limit: int, why: str) -> None:
         limit = max(1, min(limit, self.maximum))

@@ -2,16 +2,14 @@
 
 `Pipeline.handle` turns one delivery into one outcome and settles it exactly once, as soon
 as its own insert ends: there is no batch barrier, so a slow item never holds back others.
-`Dispatcher` bounds concurrency with a semaphore taken *before* a task exists, keeps every
-task in a set so none is lost, and drains within a grace period at shutdown.
+How many run at once is `worker.dispatch`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
-from collections.abc import Coroutine, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,13 +17,13 @@ import structlog
 
 from worker.breaker import CircuitBreaker, State
 from worker.headers import first_failure, previous_attempts
-from worker.ledger import Claim, Ledger, NoLedger, Status
+from worker.ledger import Claim, Ledger, NoLedger, RecentKeys, Status
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
-from worker.outcome import Action, Decision, Kind, Outcome, Reason, RetryPolicy, classify
+from worker.outcome import Action, Decision, Kind, Outcome, RetryPolicy, classify
 from worker.settings import Settings
-from worker.sink import Sink, StoreRequest
+from worker.sink import Sink, StoreRequest, store_requests
 
 log = structlog.get_logger("worker.pipeline")
 NOT_ATTEMPTED = "sink circuit open: not attempted"
@@ -56,26 +54,6 @@ class Delivery(Protocol):
         ...
 
 
-class RecentKeys:
-    """A bounded LRU of idempotency keys this process has stored."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._keys: OrderedDict[str, None] = OrderedDict()
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._keys
-
-    def add(self, key: str) -> None:
-        """Remember a stored key, forgetting the oldest beyond the bound."""
-        if self._size <= 0:
-            return
-        self._keys[key] = None
-        self._keys.move_to_end(key)
-        if len(self._keys) > self._size:
-            self._keys.popitem(last=False)
-
-
 class Pipeline:
     """Stores items through a sink and settles deliveries; shared by the worker and library."""
 
@@ -99,24 +77,59 @@ class Pipeline:
         self._ledger: Ledger = ledger if ledger is not None else NoLedger()
 
     async def store_item(self, item: MemoryItem, key: str) -> Outcome:
-        """Store one item within the per-item timeout; never raises for a failed store."""
+        """Store one item within the per-item timeout; never raises for a failed store.
+
+        Three steps: admission (Retry-After, breaker, ledger claim), the attempt (each part,
+        within the timeout), and the report (metrics, limit, breaker, Retry-After, ledger).
+        """
         if key in self._recent:
             return _DUPLICATE
-        requests = self._requests(item, key)
+        requests = store_requests(item, key, self._settings.sink)
         if isinstance(requests, Outcome):
             return requests
-        await self._wait_out_retry_after()
-        admitted, probe = await self._admit()
-        if not admitted:
-            return Outcome.transient(NOT_ATTEMPTED)
-        claim = await self._claim(key, requests)
-        if isinstance(claim, Outcome):
-            self._report(claim, probe)  # hands a half-open probe back
-            return claim
-        timeout_s = self._settings.sink.timeout_s
-        outcome = _DUPLICATE  # stays so only if every part was stored before
+        admitted = await self._admission(key, requests)
+        if isinstance(admitted, Outcome):
+            return admitted
+        claim, probe = admitted
         self._metrics.insert_started()
         started = time.perf_counter()
+        outcome = await self._attempt(requests, key, claim, probe, started)
+        await self._report(outcome, key, claim, probe, started)
+        return outcome
+
+    async def _admission(
+        self, key: str, requests: list[StoreRequest]
+    ) -> tuple[Claim, bool] | Outcome:
+        """The ledger's claim and whether this store is the breaker's probe, or why not to store."""
+        # Each check costs an await only when it has something to wait for.
+        if self._resume_at > time.monotonic():
+            await self._wait_out_retry_after()
+        breaker, probe = self._breaker, False
+        if breaker is not None and breaker.state is not State.CLOSED:
+            admitted, probe = await breaker.admit()
+            if not admitted:
+                return Outcome.transient(NOT_ATTEMPTED)
+        # Only `stored` skips a store. The claim covers the whole item, so one worker at a time
+        # stores its parts; each part is marked as it is stored, so a retry skips those.
+        parts = [r.key for r in requests] if len(requests) > 1 else []
+        claim = await self._ledger.claim(key, parts)
+        if claim.status is Status.STORED:
+            self._recent.add(key)
+            skipped = _DUPLICATE
+        elif claim.status is Status.ELSEWHERE:
+            skipped = Outcome.deferred(IN_FLIGHT_ELSEWHERE)
+        else:
+            return claim, probe
+        if probe and breaker is not None:
+            breaker.release()  # the sink was not asked: another store may probe it
+        return skipped
+
+    async def _attempt(
+        self, requests: list[StoreRequest], key: str, claim: Claim, probe: bool, started: float
+    ) -> Outcome:
+        """Store each part not stored before, all within the per-item timeout."""
+        timeout_s = self._settings.sink.timeout_s
+        outcome = _DUPLICATE  # stays so only if every part was stored before
         try:
             async with asyncio.timeout(timeout_s):
                 for request in requests:
@@ -131,41 +144,47 @@ class Pipeline:
                 else:
                     self._recent.add(key)  # every part stored: a redelivery is a duplicate
         except TimeoutError:
-            outcome = Outcome.timeout(timeout_s)
+            return Outcome.timeout(timeout_s)
         except BaseException:
+            await self._abandon(outcome, claim, probe, started)
+            raise
+        return outcome
+
+    async def _abandon(self, outcome: Outcome, claim: Claim, probe: bool, started: float) -> None:
+        """A cancelled or crashed attempt: hand back the probe and the claim, end the insert."""
+        try:
             if probe and self._breaker is not None:
                 self._breaker.release()
             await self._ledger.release(claim)
-            raise
         finally:
-            latency_s = time.perf_counter() - started
-            if self._limit is not None and outcome.kind is not Kind.DUPLICATE:
-                # Read before insert_finished: the stores running while this one ran, itself too.
-                self._limit.observe(latency_s, outcome.overload, self._metrics.in_flight)
-            self._metrics.insert_finished(outcome.kind is Kind.STORED, latency_s)
-        self._report(outcome, probe)
+            self._measure(outcome, started)
+
+    async def _report(
+        self, outcome: Outcome, key: str, claim: Claim, probe: bool, started: float
+    ) -> None:
+        """Tell the metrics, the limit, the breaker and the ledger how the attempt ended."""
+        self._measure(outcome, started)
+        kind, breaker = outcome.kind, self._breaker
+        if breaker is not None:
+            if kind in (Kind.TRANSIENT, Kind.TIMEOUT):
+                breaker.failure(outcome.detail)
+            elif kind in (Kind.STORED, Kind.REJECTED):
+                breaker.success()
+            elif probe:
+                breaker.release()  # no verdict on the sink (a duplicate): let another probe
         if outcome.retry_after_s:
             self._hold_off(outcome.retry_after_s)
-        if outcome.kind in (Kind.STORED, Kind.DUPLICATE):
+        if kind in (Kind.STORED, Kind.DUPLICATE):
             await self._ledger.mark_stored(key)
         else:
             await self._ledger.release(claim)  # not stored: whoever gets it next may store it
-        return outcome
 
-    async def _claim(self, key: str, requests: list[StoreRequest]) -> Claim | Outcome:
-        """Claim the item in the shared ledger; the outcome instead if stored or being stored.
-
-        Only `stored` skips a store. The claim covers the whole item, so one worker at a time
-        stores its parts; each part is marked as it is stored, so a retry skips those.
-        """
-        parts = [r.key for r in requests] if len(requests) > 1 else []
-        claim = await self._ledger.claim(key, parts)
-        if claim.status is Status.STORED:
-            self._recent.add(key)
-            return _DUPLICATE
-        if claim.status is Status.ELSEWHERE:
-            return Outcome.deferred(IN_FLIGHT_ELSEWHERE)
-        return claim
+    def _measure(self, outcome: Outcome, started: float) -> None:
+        latency_s = time.perf_counter() - started
+        if self._limit is not None and outcome.kind is not Kind.DUPLICATE:
+            # Read before insert_finished: the stores running while this one ran, itself too.
+            self._limit.observe(latency_s, outcome.overload, self._metrics.in_flight)
+        self._metrics.insert_finished(outcome.kind is Kind.STORED, latency_s)
 
     async def _wait_out_retry_after(self) -> None:
         """Start no store while the sink's Retry-After runs: it asked all of us, not one item."""
@@ -182,53 +201,6 @@ class Pipeline:
             log.warning("sink_retry_after", wait_s=round(until - now, 3))
             self._metrics.sink_pauses.inc()
         self._resume_at = until
-
-    async def _admit(self) -> tuple[bool, bool]:
-        """Whether a store may start, and whether it is the half-open probe.
-
-        While a probe is out the other stores wait for its verdict rather than being handed
-        back: a requeued message comes straight back, and a wait is bounded by the probe's
-        own timeout.
-        """
-        breaker = self._breaker
-        while breaker is not None:
-            changed = breaker.changed  # taken before looking, so no transition is missed
-            state = breaker.state
-            if state is State.CLOSED:
-                break
-            if state is State.OPEN:
-                return False, False
-            if breaker.try_probe():
-                return True, True
-            await changed.wait()
-        return True, False
-
-    def _report(self, outcome: Outcome, probe: bool) -> None:
-        """Tell the breaker what the sink did."""
-        if self._breaker is None:
-            return
-        if outcome.kind in (Kind.TRANSIENT, Kind.TIMEOUT):
-            self._breaker.failure(outcome.detail)
-        elif outcome.kind in (Kind.STORED, Kind.REJECTED):
-            self._breaker.success()
-        elif probe:
-            self._breaker.release()
-
-    def _requests(self, item: MemoryItem, key: str) -> list[StoreRequest] | Outcome:
-        metadata = item.metadata.model_dump(mode="json", exclude_none=True)
-        limit = self._settings.sink.max_content_chars
-        content = item.content
-        if len(content) <= limit:
-            return [StoreRequest(content, metadata, key)]
-        if self._settings.sink.oversize == "dead_letter":
-            detail = f"content has {len(content)} characters; the sink keeps at most {limit}"
-            return Outcome.invalid(Reason.TOO_LARGE, detail)
-        chunks = [content[i : i + limit] for i in range(0, len(content), limit)]
-        total = len(chunks)
-        return [
-            StoreRequest(chunk, metadata, f"{key}#{n}/{total}", (f"part:{n}/{total}", f"of:{key}"))
-            for n, chunk in enumerate(chunks, 1)
-        ]
 
     async def requeue(self, delivery: Delivery) -> Verdict:
         """Hand a delivery back untouched because the worker is stopping; logged like any other."""
@@ -304,86 +276,3 @@ class Pipeline:
             settled=settled,
         )
         return verdict
-
-
-class Dispatcher:
-    """Runs `Pipeline.handle` for each delivery, never more than the current limit at once.
-
-    A delivery gets its task only once a slot is free (the slot before the task, as in arq);
-    until then it waits in line, first come first served. Every task is kept in a set and
-    reaped, so none is lost, and `drain` finishes or requeues each one within a grace period.
-    """
-
-    def __init__(self, pipeline: Pipeline, limit: int) -> None:
-        self._pipeline = pipeline
-        self.limit = limit
-        self._running = 0
-        self._waiting: deque[Delivery] = deque()
-        self._tasks: set[asyncio.Task[Verdict]] = set()
-        self._closing = False
-
-    def __repr__(self) -> str:
-        return (
-            f"<Dispatcher running={self._running} limit={self.limit} "
-            f"waiting={len(self._waiting)} closing={self._closing}>"
-        )
-
-    @property
-    def in_flight(self) -> int:
-        """Deliveries being handled now."""
-        return self._running
-
-    def resize(self, limit: int) -> None:
-        """Let `limit` deliveries run at once from now on; running ones are not taken back."""
-        self.limit = limit
-        self._start_waiting()
-
-    def submit(self, delivery: Delivery) -> None:
-        """Start handling a delivery once a slot is free; requeue it if we are draining."""
-        if self._closing:
-            self._spawn(self._pipeline.requeue(delivery))
-            return
-        self._waiting.append(delivery)
-        self._start_waiting()
-
-    def _start_waiting(self) -> None:
-        while self._waiting and self._running < self.limit and not self._closing:
-            self._running += 1
-            self._spawn(self._run(self._waiting.popleft()))
-
-    def _spawn(self, work: Coroutine[Any, Any, Verdict]) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._reap)
-
-    def _reap(self, task: asyncio.Task[Verdict]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            # Settling raised something the consumer does not know; the broker redelivers.
-            log.error("delivery_task_failed", error=repr(exc))
-
-    async def _run(self, delivery: Delivery) -> Verdict:
-        try:
-            return await self._pipeline.handle(delivery)
-        finally:
-            self._running -= 1
-            self._start_waiting()
-
-    async def drain(self, grace_s: float) -> int:
-        """Stop taking work, let in-flight inserts finish within `grace_s`, requeue the rest.
-
-        Returns how many deliveries were handed back: running inserts cancelled at the end of
-        the grace period, and deliveries still waiting for a slot (requeued, never started).
-        """
-        self._closing = True
-        waiting = len(self._waiting)
-        while self._waiting:
-            self._spawn(self._pipeline.requeue(self._waiting.popleft()))
-        pending = set(self._tasks)
-        if pending:
-            _, pending = await asyncio.wait(pending, timeout=grace_s)
-        for task in pending:
-            task.cancel()
-        # Requeues of deliveries that arrived meanwhile are awaited too.
-        await asyncio.gather(*pending, *self._tasks, return_exceptions=True)
-        return len(pending) + waiting

@@ -20,16 +20,18 @@ from aio_pika.abc import AbstractRobustConnection
 from worker.breaker import CircuitBreaker, State
 from worker.broker import CONFIRM_TIMEOUT_S, BrokerUnavailable, connect, masked
 from worker.consumer import Consumer
+from worker.dispatch import Dispatcher
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
+from worker.mcp import McpSink
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.ops import OpsServer
 from worker.outcome import Outcome
-from worker.pipeline import Dispatcher, Pipeline
+from worker.pipeline import Pipeline
 from worker.settings import Settings
-from worker.sink import HttpSink, McpSink, Sink, SinkConfigError
+from worker.sink import HttpSink, Sink, SinkConfigError
 from worker.topology import Topology, check_consumer_timeout, check_queue_policies
 from worker.transport import HttpClient, TransportError, make_client
 

@@ -1,21 +1,15 @@
 """Sinks: one store request in, one classified :class:`Outcome` out.
 
-`McpSink` speaks MCP streamable HTTP to Session-Buddy (`store_reflection` inside one long-lived
-session); `HttpSink` posts JSON to a plain HTTP service. Neither raises for a failed store:
-every failure the sink understands becomes `rejected` (permanent) or `transient`. Only a bug
-escapes as an exception, and the pipeline dead-letters that as `internal_error`.
-Both speak through `worker.transport.HttpClient`, whose errors they turn into `transient`.
-
-An HTTP 200 from Session-Buddy does not mean stored: the answer's text is what counts.
+`Sink` is the seam the pipeline stores through; `HttpSink` posts JSON to a plain HTTP service,
+and `worker.mcp.McpSink` speaks MCP to Session-Buddy. No sink raises for a failed store: every
+failure it understands becomes `rejected` (permanent) or `transient`. Only a bug escapes as an
+exception, and the pipeline dead-letters that as `internal_error`. Both speak through
+`worker.transport.HttpClient`, whose errors they turn into `transient`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import itertools
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -23,21 +17,11 @@ from typing import Any, Protocol, Self
 
 import orjson
 
-from worker import __version__
-from worker.outcome import Outcome
+from worker.models import MemoryItem, too_large
+from worker.outcome import Outcome, Reason
 from worker.sections import SinkSettings
 from worker.transport import HttpClient, Reply, TransportError, TransportTimeout
 
-PROTOCOL_VERSION = "2025-06-18"
-# Built once: every MCP request carries these; a session's requests add its id.
-MCP_HEADERS = {
-    "accept": "application/json, text/event-stream",
-    "content-type": "application/json",
-    "mcp-protocol-version": PROTOCOL_VERSION,
-}
-STORED_MARK = "stored successfully"
-SOFT_ERROR_MARK = "❌"
-PROJECT_PATTERN = re.compile(r"[^a-zA-Z0-9._-]")
 DETAIL_CHARS = 1000
 
 
@@ -63,224 +47,36 @@ class SinkConfigError(Exception):
     """The sink answers, but not the way this configuration needs (unknown tool, auth)."""
 
 
-def _clip(text: str) -> str:
+def clip(text: str) -> str:
+    """`text`, cut to the length a detail may have."""
     return text if len(text) <= DETAIL_CHARS else text[: DETAIL_CHARS - 1] + "…"
 
 
-def _http_failure(reply: Reply) -> Outcome:
+def http_failure(reply: Reply) -> Outcome:
+    """A non-success HTTP answer: transient for auth, throttling and 5xx, else the item's fault."""
     status = reply.status
-    detail = _clip(f"HTTP {status}: {reply.text.strip()}")
+    detail = clip(f"HTTP {status}: {reply.text.strip()}")
     if status in (401, 403, 408, 425, 429) or status >= 500:
         return Outcome.transient(detail, reply.retry_after_s, overload=status in (429, 503))
     return Outcome.rejected(detail)
 
 
-def reflection_arguments(request: StoreRequest, sink: SinkSettings) -> dict[str, Any]:
-    """Map a store request onto `store_reflection`'s arguments."""
-    tags = [
-        f"{name}:{request.metadata[name]}"
-        for name in sink.tag_fields
-        if request.metadata.get(name) is not None
+def store_requests(item: MemoryItem, key: str, sink: SinkSettings) -> list[StoreRequest] | Outcome:
+    """The store calls an item needs: one, linked parts when too long, or `too_large`."""
+    metadata = item.metadata.model_dump(mode="json", exclude_none=True)
+    limit = sink.max_content_chars
+    content = item.content
+    if len(content) <= limit:
+        return [StoreRequest(content, metadata, key)]
+    if sink.oversize == "dead_letter":
+        # `memory-worker publish` refuses the same items by the same rule before sending.
+        return Outcome.invalid(Reason.TOO_LARGE, too_large(content, limit) or "")
+    chunks = [content[i : i + limit] for i in range(0, len(content), limit)]
+    total = len(chunks)
+    return [
+        StoreRequest(chunk, metadata, f"{key}#{n}/{total}", (f"part:{n}/{total}", f"of:{key}"))
+        for n, chunk in enumerate(chunks, 1)
     ]
-    tags.extend(sink.static_tags)
-    tags.extend(request.extra_tags)
-    args: dict[str, Any] = {"content": request.content, "tags": tags}
-    project = sink.project or (
-        request.metadata.get(sink.project_field) if sink.project_field else None
-    )
-    if project is not None:
-        cleaned = PROJECT_PATTERN.sub("-", str(project))[:128]
-        if cleaned:
-            args["project"] = cleaned
-    args["source_session_id"] = request.key
-    return args
-
-
-def judge_tool_result(result: Mapping[str, Any]) -> Outcome:
-    """Judge a `tools/call` result by its content, not by the HTTP status."""
-    text = "\n".join(
-        str(part.get("text", ""))
-        for part in result.get("content") or ()
-        if isinstance(part, Mapping)
-    ).strip()
-    if result.get("isError"):
-        if text.startswith("Unknown tool"):
-            # A configuration error, not the item's fault: keep the message for a fixed worker.
-            return Outcome.transient(_clip(text))
-        return Outcome.rejected(_clip(text))
-    if text.startswith(SOFT_ERROR_MARK):
-        return Outcome.rejected(_clip(text))
-    if STORED_MARK in text.split("\n", 1)[0]:
-        return Outcome.stored()
-    # Unknown wording: not provably stored, so keep the message where an operator sees it.
-    return Outcome.rejected(_clip(f"unrecognised answer: {text}"))
-
-
-def _sse_messages(body: bytes) -> list[Any]:
-    text = body.decode("utf-8", "replace")
-    if "\r" in text:
-        text = text.replace("\r\n", "\n").replace("\r", "\n")
-    messages = []
-    data: list[str] = []
-    # SSE ends lines only at CR, LF or CRLF; str.splitlines would also cut a JSON string at a
-    # raw U+2028 or U+0085, which JSON (and Session-Buddy's echo of the content) may hold.
-    for line in [*text.split("\n"), ""]:
-        if line.startswith("data:"):
-            data.append(line[5:].lstrip(" "))
-        elif not line and data:
-            messages.append(orjson.loads("\n".join(data)))
-            data = []
-    return messages
-
-
-def _rpc_answer(reply: Reply, request_id: int) -> Mapping[str, Any] | None:
-    if reply.headers.get("content-type", "").startswith("text/event-stream"):
-        candidates = _sse_messages(reply.body)
-    else:
-        candidates = [orjson.loads(reply.body)]
-    for msg in candidates:
-        if isinstance(msg, dict) and msg.get("id") == request_id:
-            return msg
-    return None
-
-
-class SessionLost(Exception):
-    """Session-Buddy no longer knows our session; open a new one."""
-
-
-class McpSink:
-    """Session-Buddy over MCP streamable HTTP: one long-lived session, concurrent calls."""
-
-    def __init__(self, client: HttpClient, url: str, sink: SinkSettings) -> None:
-        self._client = client
-        self._url = url
-        self._sink = sink
-        self._ids = itertools.count(1)
-        # The live session's request headers (its id included), built once per session.
-        self._session: dict[str, str] | None = None
-        self._lock = asyncio.Lock()
-        self.sessions_opened = 0
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """End the MCP session politely; the server forgets it either way."""
-        session, self._session = self._session, None
-        if session is not None:
-            end = {"mcp-session-id": session["mcp-session-id"]}
-            with contextlib.suppress(TransportError):
-                await self._client.request("DELETE", self._url, end)
-
-    async def store(self, request: StoreRequest) -> Outcome:
-        """Call the store tool once; re-open the session once if the server lost it."""
-        arguments = reflection_arguments(request, self._sink)
-        for _ in range(2):
-            try:
-                return await self._call_tool(arguments)
-            except SessionLost:
-                continue
-            except TransportTimeout as exc:
-                return Outcome.transient(f"timeout: {exc}", overload=True)
-            except TransportError as exc:
-                return Outcome.transient(str(exc))
-        return Outcome.transient("session lost twice in a row")
-
-    async def list_tools(self) -> list[str]:
-        """Names of the tools the server offers; raises `SinkConfigError` if it will not say."""
-        session = await self._ensure_session()
-        request_id = next(self._ids)
-        payload = {"jsonrpc": "2.0", "id": request_id, "method": "tools/list"}
-        reply = await self._post(payload, session)
-        if reply.status != 200:
-            raise SinkConfigError(f"tools/list: HTTP {reply.status}")
-        try:
-            answer = _rpc_answer(reply, request_id)
-        except orjson.JSONDecodeError as exc:
-            raise SinkConfigError(f"tools/list: unreadable answer: {exc}") from None
-        tools = (answer or {}).get("result", {}).get("tools", [])
-        return [str(t.get("name")) for t in tools]
-
-    async def _call_tool(self, arguments: dict[str, Any]) -> Outcome:
-        session = await self._ensure_session()
-        request_id = next(self._ids)
-        payload = {
-            "jsonrpc": "2.0",
-            "id": request_id,
-            "method": "tools/call",
-            "params": {"name": self._sink.tool, "arguments": arguments},
-        }
-        reply = await self._post(payload, session)
-        if reply.status == 404:
-            await self._forget(session)
-            raise SessionLost
-        if reply.status != 200:
-            return _http_failure(reply)
-        try:
-            answer = _rpc_answer(reply, request_id)
-        except orjson.JSONDecodeError as exc:
-            # A proxy page or a truncated stream: the server's problem, not the item's.
-            return Outcome.transient(_clip(f"unreadable answer: {exc}"))
-        if answer is None:
-            return Outcome.transient("no JSON-RPC answer in the response")
-        err, result = answer.get("error"), answer.get("result") or {}
-        # An answer of the wrong shape is the server's problem, like an unreadable one.
-        if err is not None and not isinstance(err, Mapping):
-            return Outcome.transient(_clip(f"malformed JSON-RPC error: {err!r}"))
-        if not isinstance(result, Mapping) or not isinstance(result.get("content") or [], list):
-            return Outcome.transient(_clip(f"malformed tools/call result: {result!r}"))
-        if err is not None:
-            text = _clip(f"JSON-RPC {err.get('code')}: {err.get('message')}")
-            # Invalid params is the item's fault; anything else is the server's.
-            return Outcome.rejected(text) if err.get("code") == -32602 else Outcome.transient(text)
-        return judge_tool_result(result)
-
-    async def _post(self, payload: Mapping[str, Any], headers: Mapping[str, str]) -> Reply:
-        return await self._client.request("POST", self._url, headers, orjson.dumps(payload))
-
-    async def _ensure_session(self) -> dict[str, str]:
-        session = self._session
-        if session is not None:
-            return session
-        async with self._lock:
-            # Many calls may find the session gone at once; only the first re-opens it.
-            if self._session is None:
-                self._session = await self._open_session()
-            return self._session
-
-    async def _forget(self, session: dict[str, str]) -> None:
-        async with self._lock:
-            if self._session is session:
-                self._session = None
-
-    async def _open_session(self) -> dict[str, str]:
-        init = {
-            "jsonrpc": "2.0",
-            "id": next(self._ids),
-            "method": "initialize",
-            "params": {
-                "protocolVersion": PROTOCOL_VERSION,
-                "capabilities": {},
-                "clientInfo": {"name": "memory-worker", "version": __version__},
-            },
-        }
-        reply = await self._post(init, MCP_HEADERS)
-        session_id = reply.headers.get("mcp-session-id")
-        if reply.status != 200 or not session_id:
-            raise TransportError(f"initialize failed: HTTP {reply.status} {_clip(reply.text)}")
-        session = {**MCP_HEADERS, "mcp-session-id": session_id}
-        notified = await self._post(
-            {"jsonrpc": "2.0", "method": "notifications/initialized"}, session
-        )
-        if notified.status >= 300:
-            raise TransportError(f"notifications/initialized: HTTP {notified.status}")
-        self.sessions_opened += 1
-        return session
 
 
 class HttpSink:
@@ -317,4 +113,4 @@ class HttpSink:
             return Outcome.transient(str(exc))
         if 200 <= reply.status < 300 or reply.status == 409:
             return Outcome.stored()
-        return _http_failure(reply)
+        return http_failure(reply)

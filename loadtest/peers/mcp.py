@@ -2,7 +2,7 @@
 
 The settings are read from the same `MAHAVISHNU_*` variables the runner gives memory-worker,
 and the store call carries the same arguments memory-worker sends with its committed settings
-(`reflection_arguments` in worker/sink.py), so the stand-in sees the same requests from all.
+(`reflection_arguments` in worker/mcp.py), so the stand-in sees the same requests from all.
 """
 
 from __future__ import annotations

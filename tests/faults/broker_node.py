@@ -158,7 +158,8 @@ class BrokerNode:
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # a Ctrl-C meant for pytest does not reach the node
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                # subprocess has no other way to set a parent-death signal (a prctl in the child).
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
         self._await_startup()
 

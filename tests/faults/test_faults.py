@@ -40,11 +40,12 @@ from tests.integration.helpers import (
 )
 from worker.breaker import State
 from worker.headers import H_ATTEMPTS, H_DETAIL, H_REASON
+from worker.mcp import McpSink
 from worker.outcome import Kind, Outcome, Reason
 from worker.publisher import Publisher
 from worker.service import Service
 from worker.settings import Settings
-from worker.sink import HttpSink, McpSink, StoreRequest
+from worker.sink import HttpSink, StoreRequest
 from worker.testing import StandIn, StandInConfig
 from worker.topology import Topology
 from worker.transport import HttpClient, make_client

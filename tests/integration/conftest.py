@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import uuid
@@ -11,6 +12,7 @@ from urllib.parse import urlparse
 
 import aio_pika
 import pytest
+from redis.asyncio import Redis
 
 from tests.integration.helpers import kill_leftover_workers
 from worker.settings import Settings, load_settings
@@ -33,7 +35,7 @@ def _answers(url: str) -> bool:
 
 def _docker_answers() -> bool:
     try:
-        import docker
+        import docker  # noqa: PLC0415 - optional: only where a Docker engine may answer
 
         docker.from_env(timeout=2).ping()
         return True
@@ -49,7 +51,7 @@ def amqp_url() -> Iterator[str]:
         yield explicit
         return
     if _docker_answers():
-        from testcontainers.rabbitmq import RabbitMqContainer
+        from testcontainers.rabbitmq import RabbitMqContainer  # noqa: PLC0415 - optional, as docker
 
         with RabbitMqContainer("rabbitmq:3.13-management") as container:
             host, port = container.get_container_host_ip(), container.get_exposed_port(5672)
@@ -102,8 +104,6 @@ def make_settings(amqp_url: str) -> Iterator[Any]:
     # A worker a failing test left behind would redeclare what is deleted next.
     kill_leftover_workers()
     if made:
-        import asyncio
-
         asyncio.run(_delete(made[0]))
 
 
@@ -136,8 +136,6 @@ def redis_url() -> str:
 @pytest.fixture
 async def ledger_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix of this test's own; its keys are deleted at teardown."""
-    from redis.asyncio import Redis
-
     prefix = f"mw-test-{uuid.uuid4().hex[:10]}:"
     yield prefix
     async with Redis.from_url(redis_url) as client:

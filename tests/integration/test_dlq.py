@@ -15,7 +15,7 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 
 from tests.integration.helpers import depth, item, publish_items, take_all, worker_env
-from worker import dlq
+from worker import dlq, dlq_edit, dlq_model
 from worker.cli import dlq_change
 from worker.headers import (
     H_ATTEMPTS,
@@ -205,7 +205,7 @@ async def test_worker_dead_letters_parse_and_replay_into_the_store(make_settings
             assert letter.pool == "pool-1" and letter.last_failure_ms is not None
         sb.config.reject = 0.0
         topology = Topology.from_settings(settings)
-        report = await dlq.replay(connection, topology, dlq.Filter())
+        report = await dlq_edit.replay(connection, topology, dlq_model.Filter())
         assert report.replayed == 5 and report.error is None
         async with Service(settings):
             await until(lambda: _true(sb.stats.distinct_keys == 5))
@@ -433,7 +433,7 @@ async def test_purge_removes_what_was_confirmed_not_what_arrived_since(
         return "6 dead letter" in question
 
     monkeypatch.setattr(dlq_change, "_confirm", confirm)
-    assert await dlq_change.purge(settings, dlq.Filter(), yes=False, limit=None) == 0
+    assert await dlq_change.purge(settings, dlq_model.Filter(), yes=False, limit=None) == 0
     assert await ids_in(connection, topology.dead_letter_queue) == late
     assert len(set(ids) | set(late)) == 7
 
@@ -450,7 +450,7 @@ async def test_each_replay_is_counted(make_settings, connection):
     _, topology = await declared(make_settings, connection, "quorum")
     [key] = await add_dead_letters(connection, topology, 1)
     for expected in (1, 2):
-        assert (await dlq.replay(connection, topology, dlq.Filter())).replayed == 1
+        assert (await dlq_edit.replay(connection, topology, dlq_model.Filter())).replayed == 1
         [message] = await take_all(connection, topology.queue)
         assert dict(message.headers or {})[H_REPLAYED] == expected
         async with connection.channel(publisher_confirms=True) as channel:

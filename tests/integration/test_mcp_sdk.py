@@ -17,10 +17,11 @@ import uvicorn
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
+from worker.mcp import McpSink
 from worker.outcome import Kind
 from worker.sections import SinkSettings
 from worker.settings import Settings, load_settings
-from worker.sink import McpSink, StoreRequest
+from worker.sink import StoreRequest
 from worker.testing import free_port
 from worker.transport import Http1Client, make_client
 

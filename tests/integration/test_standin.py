@@ -405,7 +405,7 @@ async def test_control_routes(sb: StandIn, http: httpx.AsyncClient) -> None:
 
 async def test_official_mcp_client_stores(sb: StandIn) -> None:
     """The official mcp SDK client connects, lists the tool and stores with the success text."""
-    from mcp import Client
+    from mcp import Client  # noqa: PLC0415 - the SDK is a dev extra; only this test needs it
 
     async with Client(sb.url) as client:
         tools = await client.list_tools()

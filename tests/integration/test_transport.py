@@ -10,10 +10,11 @@ import orjson
 import pytest
 from aiohttp import web
 
+from worker.mcp import McpSink
 from worker.outcome import Kind
 from worker.sections import SinkSettings
 from worker.settings import Settings, load_settings
-from worker.sink import HttpSink, McpSink, StoreRequest
+from worker.sink import HttpSink, StoreRequest
 from worker.transport import TransportError, TransportTimeout, make_client
 
 STORED_TEXT = "💾 Reflection stored successfully!"

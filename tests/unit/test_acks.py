@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 from worker.acks import AckBatcher
 
@@ -142,8 +143,6 @@ class Broker(FakeChannel):
 
 async def test_random_settle_orders_ack_each_delivery_once_and_only_when_settled() -> None:
     """Any settle order: each delivery is acked or requeued once, never before we settled it."""
-    import random
-
     rng = random.Random(5)
     for _ in range(300):
         n = rng.randint(1, 30)

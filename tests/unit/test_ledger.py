@@ -10,11 +10,12 @@ import pytest
 
 from tests.unit.fakes import Clock, FakeDelivery, FakeSink, until
 from worker.breaker import CircuitBreaker, State
+from worker.dispatch import Dispatcher
 from worker.headers import H_ATTEMPTS
 from worker.ledger import UNCHECKED, Claim, NoLedger, Status
 from worker.metrics import Metrics
 from worker.outcome import Action, Kind, Outcome
-from worker.pipeline import IN_FLIGHT_ELSEWHERE, Dispatcher, Pipeline
+from worker.pipeline import IN_FLIGHT_ELSEWHERE, Pipeline
 from worker.sections import LedgerSettings
 from worker.settings import CONFIG_ENV, Settings, SettingsError, load_settings
 from worker.testing.items import item_body

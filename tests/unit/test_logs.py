@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import re
 import sys
@@ -15,10 +16,11 @@ from typing import Any
 import orjson
 import pytest
 import structlog
+from structlog.testing import capture_logs
 from structlog.typing import Processor
 
 import worker.logs
-from worker.logs import IsoUtcTimeStamper, TolerantStream, configure_logging
+from worker.logs import IsoUtcTimeStamper, LibraryRecords, TolerantStream, configure_logging
 
 
 def test_writes_pass_through_while_the_reader_is_there() -> None:
@@ -149,12 +151,6 @@ def test_configured_json_line_on_stderr(capsys: pytest.CaptureFixture[str]) -> N
 
 def test_library_records_become_structured_events() -> None:
     """A library's stdlib warning is one structlog event with its logger name and error repr."""
-    import logging
-
-    from structlog.testing import capture_logs
-
-    from worker.logs import LibraryRecords
-
     handler = LibraryRecords(tracebacks=False)
     try:
         raise ConnectionError("refused")

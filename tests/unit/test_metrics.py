@@ -7,6 +7,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 import worker.metrics
 from tests.unit.fakes import FakeSink, until
@@ -242,8 +243,6 @@ async def test_inserter_empty_batch() -> None:
 
 def test_process_metrics_are_exported() -> None:
     """The registry carries the standard process_* series, to size a container from."""
-    from prometheus_client import generate_latest
-
     text = generate_latest(Metrics(5).registry).decode()
     for name in ("process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"):
         assert f"\n{name} " in text, name

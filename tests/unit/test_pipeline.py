@@ -13,12 +13,13 @@ from structlog.testing import capture_logs
 
 from tests.unit.fakes import Clock, FakeDelivery, FakeSink, until
 from worker.breaker import CircuitBreaker, State
+from worker.dispatch import Dispatcher
 from worker.headers import H_ATTEMPTS, H_FIRST_FAILURE_MS
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, Reason
-from worker.pipeline import NOT_ATTEMPTED, Dispatcher, Pipeline
+from worker.pipeline import NOT_ATTEMPTED, Pipeline
 from worker.settings import Settings
 from worker.testing.items import item_body
 

@@ -13,6 +13,7 @@ from worker.cli.app import build_parser
 from worker.cli.common import settings_from_args
 from worker.exitcodes import EXIT_CONFIG
 from worker.outcome import RetryPolicy
+from worker.sections import PoolsSettings
 from worker.settings import CONFIG_ENV, SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,8 +51,6 @@ def test_defaults() -> None:
 
 def test_concurrency_field_declares_act008_bounds() -> None:
     """The concurrency field is declared with default 10 and bounds 1..50."""
-    from worker.sections import PoolsSettings
-
     info = PoolsSettings.model_fields["max_concurrent_memory_insertions"]
     bounds = {type(m).__name__: m for m in info.metadata}
     assert info.default == 10

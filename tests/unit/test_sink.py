@@ -13,11 +13,12 @@ from typing import Any, NamedTuple
 import pytest
 
 import worker
+from worker.mcp import McpSink, reflection_arguments
 from worker.models import decode_item
 from worker.outcome import Kind, Outcome
 from worker.sections import SinkSettings
 from worker.settings import Settings
-from worker.sink import HttpSink, McpSink, StoreRequest, reflection_arguments
+from worker.sink import HttpSink, StoreRequest
 from worker.testing.items import valid_item
 from worker.transport import Reply, TransportError, TransportTimeout, make_client
 

@@ -19,7 +19,8 @@ from worker.cli.common import (
     positive_int,
     run_tool,
 )
-from worker.dlq import MAX_HOLD, Filter
+from worker.dlq import MAX_HOLD
+from worker.dlq_model import Filter
 from worker.exitcodes import EXIT_USAGE
 from worker.outcome import Reason
 from worker.settings import Settings

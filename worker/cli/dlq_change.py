@@ -9,7 +9,7 @@ from collections import Counter
 from rich.console import Console
 from rich.markup import escape
 
-from worker import dlq
+from worker import dlq, dlq_edit, dlq_model
 from worker.broker import connect
 from worker.cli import dlq_view
 from worker.cli.common import console, progress
@@ -20,7 +20,7 @@ from worker.topology import Topology
 
 async def replay(
     settings: Settings,
-    flt: dlq.Filter,
+    flt: dlq_model.Filter,
     *,
     dry_run: bool,
     rate_per_s: float | None,
@@ -31,7 +31,7 @@ async def replay(
     topology = Topology.from_settings(settings)
     async with await connect(settings, purpose="dlq-replay", robust=False) as connection:
         with progress(err, "replaying" if not dry_run else "reading", 0) as advance:
-            report = await dlq.replay(
+            report = await dlq_edit.replay(
                 connection,
                 topology,
                 flt,
@@ -44,7 +44,7 @@ async def replay(
         dlq_view.warn_consumers(report.consumers, settings)
     if dry_run:
         if report.matched:
-            out.print(dlq_view.letters_table(report.matched, dlq.current_ms()))
+            out.print(dlq_view.letters_table(report.matched, dlq_model.current_ms()))
         out.print(f"would replay {len(report.matched)} of {report.seen} dead letter(s)")
         return EXIT_OK
     out.print(
@@ -59,7 +59,7 @@ async def replay(
     return EXIT_OK
 
 
-async def purge(settings: Settings, flt: dlq.Filter, *, yes: bool, limit: int | None) -> int:
+async def purge(settings: Settings, flt: dlq_model.Filter, *, yes: bool, limit: int | None) -> int:
     """Remove the matching dead letters for good, after confirmation unless `yes`."""
     out, err = console(), console(stderr=True)
     queue = settings.rabbitmq.dead_letter_queue
@@ -78,11 +78,11 @@ async def purge(settings: Settings, flt: dlq.Filter, *, yes: bool, limit: int | 
             # Remove exactly what was shown, even if more matching ones arrived since.
             only = Counter(d.fingerprint for d in chosen)
         with progress(err, "purging", 0) as advance:
-            report = await dlq.purge(
+            report = await dlq_edit.purge(
                 connection, queue, flt, only=only, limit=limit, on_progress=advance
             )
     if report.removed:
-        out.print(dlq_view.letters_table(report.removed, dlq.current_ms(), title="removed"))
+        out.print(dlq_view.letters_table(report.removed, dlq_model.current_ms(), title="removed"))
     missing = f"; {report.missing} confirmed one(s) were already gone" if report.missing else ""
     out.print(f"removed {len(report.removed)} dead letter(s) from {queue}{missing}")
     if report.error:

@@ -6,7 +6,7 @@ import json
 
 from rich.markup import escape
 
-from worker import dlq
+from worker import dlq, dlq_model
 from worker.broker import connect
 from worker.cli import dlq_view
 from worker.cli.common import console, progress
@@ -17,7 +17,7 @@ from worker.settings import Settings
 async def stats(settings: Settings, *, as_json: bool) -> int:
     """Print depth, a histogram of reasons, oldest and newest failure, per pool."""
     snapshot = await read(settings)
-    summary = dlq.stats(snapshot)
+    summary = dlq_model.stats(snapshot)
     if as_json:
         print(json.dumps(dlq_view.stats_json(snapshot, summary)))
         return EXIT_OK
@@ -27,7 +27,7 @@ async def stats(settings: Settings, *, as_json: bool) -> int:
 
 
 async def list_letters(
-    settings: Settings, flt: dlq.Filter, *, limit: int | None, as_json: bool
+    settings: Settings, flt: dlq_model.Filter, *, limit: int | None, as_json: bool
 ) -> int:
     """Print the dead letters `flt` matches, as a table or one JSON object per line."""
     snapshot = await read(settings, limit=limit)
@@ -67,7 +67,7 @@ async def show(settings: Settings, letter_id: str, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-async def read(settings: Settings, *, limit: int | None = None) -> dlq.Snapshot:
+async def read(settings: Settings, *, limit: int | None = None) -> dlq_model.Snapshot:
     """Read the dead-letter queue once, with a progress bar, and hand every message back."""
     queue = settings.rabbitmq.dead_letter_queue
     async with await connect(settings, purpose="dlq-read", robust=False) as connection:

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from worker import dlq
+from worker import dlq_model
 from worker.cli.common import console
 from worker.headers import PREFIX
 from worker.settings import Settings
@@ -19,7 +19,7 @@ DETAIL_CHARS = 60
 ID_CHARS = 23  # 'sha256:' and 16 hex digits: unique enough to copy into show or --id
 
 
-def print_stats(out: Console, queue: str, summary: dlq.Stats) -> None:
+def print_stats(out: Console, queue: str, summary: dlq_model.Stats) -> None:
     """The depth, then tables of reasons and of pools."""
     out.print(f"[bold]{escape(queue)}[/]: {summary.depth} dead letter(s)")
     if not summary.seen:
@@ -42,7 +42,7 @@ def print_stats(out: Console, queue: str, summary: dlq.Stats) -> None:
     out.print(pools)
 
 
-def caveats(snapshot: dlq.Snapshot, settings: Settings) -> None:
+def caveats(snapshot: dlq_model.Snapshot, settings: Settings) -> None:
     """Say on stderr what a read could not see: other consumers' messages, a capped read."""
     if snapshot.consumers:
         warn_consumers(snapshot.consumers, settings)
@@ -64,7 +64,7 @@ def warn_consumers(count: int, settings: Settings) -> None:
     console(stderr=True).print(text)
 
 
-def letters_table(letters: list[dlq.DeadLetter], now_ms: int, title: str = "") -> Table:
+def letters_table(letters: list[dlq_model.DeadLetter], now_ms: int, title: str = "") -> Table:
     """One row per dead letter: position, short id, reason, pool, tries, age, detail."""
     table = Table(title=title or None, title_justify="left")
     for name in ("#", "id", "reason", "pool", "tries", "failed"):
@@ -83,7 +83,7 @@ def letters_table(letters: list[dlq.DeadLetter], now_ms: int, title: str = "") -
     return table
 
 
-def print_letter(out: Console, d: dlq.DeadLetter, now_ms: int) -> None:
+def print_letter(out: Console, d: dlq_model.DeadLetter, now_ms: int) -> None:
     """One dead letter whole: its failure envelope, other headers and body."""
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
@@ -105,7 +105,7 @@ def print_letter(out: Console, d: dlq.DeadLetter, now_ms: int) -> None:
     out.print()
 
 
-def stats_json(snapshot: dlq.Snapshot, summary: dlq.Stats) -> dict[str, Any]:
+def stats_json(snapshot: dlq_model.Snapshot, summary: dlq_model.Stats) -> dict[str, Any]:
     """The object `dlq stats --json` prints."""
     return {
         "queue": snapshot.queue,
@@ -113,22 +113,22 @@ def stats_json(snapshot: dlq.Snapshot, summary: dlq.Stats) -> dict[str, Any]:
         "seen": summary.seen,
         "other_consumers": summary.consumers,
         "reasons": summary.reasons,
-        "oldest_failure": dlq.iso_time(summary.oldest_ms),
-        "newest_failure": dlq.iso_time(summary.newest_ms),
+        "oldest_failure": dlq_model.iso_time(summary.oldest_ms),
+        "newest_failure": dlq_model.iso_time(summary.newest_ms),
         "pools": [
             {
                 "pool": pool,
                 "count": row.count,
                 "reasons": row.reasons,
-                "oldest_failure": dlq.iso_time(row.oldest_ms),
-                "newest_failure": dlq.iso_time(row.newest_ms),
+                "oldest_failure": dlq_model.iso_time(row.oldest_ms),
+                "newest_failure": dlq_model.iso_time(row.newest_ms),
             }
             for pool, row in summary.pools.items()
         ],
     }
 
 
-def show_json(d: dlq.DeadLetter) -> dict[str, Any]:
+def show_json(d: dlq_model.DeadLetter) -> dict[str, Any]:
     """One dead letter in `dlq show --json`: the envelope, headers and body."""
     return {**d.envelope(), "headers": _jsonable(dict(d.headers)), "body": d.body_text()}
 

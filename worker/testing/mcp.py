@@ -50,17 +50,9 @@ class McpEndpoint:
         sid, refusal = self._session(request)
         if refusal is not None:
             return refusal
-        if not all(p.accepts(request.headers.get("Accept", ""))):
-            why = "Not Acceptable: Client must accept both application/json and text/event-stream"
-            return p.rpc_error(406, why)
-        if request.content_type != p.JSON:
-            return p.rpc_error(415, "Unsupported Media Type: Content-Type must be application/json")
-        try:
-            msg = orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
-            return p.rpc_error(400, f"Parse error: {exc}", -32700)
-        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
-            return p.rpc_error(400, "Validation error: not a JSON-RPC 2.0 message", -32602)
+        msg = await self._message(request)
+        if not isinstance(msg, dict):
+            return msg
         method = msg.get("method")
         if method == "initialize" and "id" in msg:
             return self._initialize(msg, sid)
@@ -72,18 +64,35 @@ class McpEndpoint:
             return p.rpc_error(400, why + ", ".join(p.PROTOCOL_VERSIONS))
         if "id" not in msg or not isinstance(method, str):
             return web.Response(status=202)  # a notification or a client's response
-        payload: Outcome
-        if method == "tools/call":
-            payload = await self._tools_call(request, msg.get("params"))
-            if isinstance(payload, web.StreamResponse):
-                return payload
-        elif method == "tools/list":
-            payload = {"result": p.TOOLS}
-        elif method == "ping":
-            payload = {"result": {}}
-        else:
-            payload = {"error": {"code": -32601, "message": "Method not found"}}
+        payload = await self._call(request, method, msg.get("params"))
+        if isinstance(payload, web.StreamResponse):
+            return payload
         return p.sse_answer(sid, {"jsonrpc": "2.0", "id": msg["id"], **payload})
+
+    async def _message(self, request: web.Request) -> p.Payload | web.Response:
+        """The request's JSON-RPC message, or the answer refusing it (headers, JSON, shape)."""
+        if not all(p.accepts(request.headers.get("Accept", ""))):
+            why = "Not Acceptable: Client must accept both application/json and text/event-stream"
+            return p.rpc_error(406, why)
+        if request.content_type != p.JSON:
+            return p.rpc_error(415, "Unsupported Media Type: Content-Type must be application/json")
+        try:
+            msg = orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            return p.rpc_error(400, f"Parse error: {exc}", -32700)
+        if not isinstance(msg, dict) or msg.get("jsonrpc") != "2.0":
+            return p.rpc_error(400, "Validation error: not a JSON-RPC 2.0 message", -32602)
+        return msg
+
+    async def _call(self, request: web.Request, method: str, params: object) -> Outcome:
+        """The answer to one request: a result, an error, or a whole response (a fault)."""
+        if method == "tools/call":
+            return await self._tools_call(request, params)
+        if method == "tools/list":
+            return {"result": p.TOOLS}
+        if method == "ping":
+            return {"result": {}}
+        return {"error": {"code": -32601, "message": "Method not found"}}
 
     def _initialize(self, msg: p.Payload, sid: str | None) -> web.Response:
         params = msg.get("params")
