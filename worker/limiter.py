@@ -20,9 +20,12 @@ Three things raise latency, and only the last is the sink queueing behind us:
   creep up with the queue.
 - **Our own CPU.** When the event loop's thread was running, or ready to run and waiting for
   a core, for `busy_share` of a window's wall time (Linux's schedstat; CPU time elsewhere),
-  stores wait in our loop or for the machine, not in the sink, and fewer in flight would not
-  make any faster. Such a window moves the limit only up, toward the maximum, and never sets
-  the unloaded latency (a burst that starts on a busy machine would set it high).
+  and the process itself ran for at least `cpu_share` of it, stores wait in our loop or for
+  the machine, not in the sink, and fewer in flight would not make any faster. (A loop that
+  mostly waits for a core other processes hold, its own work small, is not that: on a loaded
+  machine a sink that serves one call at a time must still be seen.) Such a window moves the
+  limit only up, toward the maximum, and never sets the unloaded latency (a burst that starts
+  on a busy machine would set it high).
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
@@ -70,9 +73,11 @@ class AdaptiveLimit:
         overload_share: float = 0.1,
         patience: int = 40,
         busy_share: float = 0.5,
+        cpu_share: float = 0.25,
         min_window_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         busy_clock: Callable[[], float] | None = None,
+        cpu_clock: Callable[[], float] = time.process_time,
         on_change: Callable[[int, str], None] | None = None,
     ) -> None:
         self.maximum = maximum
@@ -88,6 +93,8 @@ class AdaptiveLimit:
         self._overload_share = overload_share
         self._patience = patience
         self._busy_share = busy_share
+        self._cpu_share = cpu_share
+        self._cpu_clock = cpu_clock
         self._min_window_s = min_window_s
         self._clock = clock
         self._busy_clock = busy_clock if busy_clock is not None else self._loop_busy_clock()
@@ -97,7 +104,7 @@ class AdaptiveLimit:
         self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
         self._good_windows = 0
         self._fastest_s = math.inf  # fastest store seen while the unloaded latency is unknown
-        self._started_s = self._busy_started_s = 0.0
+        self._started_s = self._busy_started_s = self._cpu_started_s = 0.0
         self._reset_window()
 
     def _loop_busy_clock(self) -> Callable[[], float]:
@@ -139,6 +146,7 @@ class AdaptiveLimit:
         if not latencies:
             # The window's clocks start at its first store, so idle time before it is not in it.
             self._started_s, self._busy_started_s = self._clock(), self._busy_clock()
+            self._cpu_started_s = self._cpu_clock()
         latencies.append(latency_s)
         self._total_s += latency_s
         self._overloads += overload
@@ -163,7 +171,12 @@ class AdaptiveLimit:
         typical_s = latencies[count * 3 // 4]
         wall_s = self._clock() - self._started_s
         busy_s = self._busy_clock() - self._busy_started_s
-        ours = wall_s > 0 and busy_s >= self._busy_share * wall_s
+        cpu_s = self._cpu_clock() - self._cpu_started_s
+        # Busy, and busy with our own work: a loop that mostly waits for a core that other
+        # processes hold (a loaded machine) is not what queues a sink's calls behind each other.
+        ours = (
+            wall_s > 0 and busy_s >= self._busy_share * wall_s and cpu_s >= self._cpu_share * wall_s
+        )
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
         unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)

@@ -21,7 +21,13 @@ class Clocks:
 
     def limit(self, maximum: int, **kwargs: object) -> AdaptiveLimit:
         """An AdaptiveLimit reading these clocks."""
-        return AdaptiveLimit(maximum, clock=lambda: self.now, busy_clock=lambda: self.cpu, **kwargs)  # type: ignore[arg-type]
+        return AdaptiveLimit(  # type: ignore[misc]
+            maximum,
+            clock=lambda: self.now,
+            busy_clock=lambda: self.cpu,
+            cpu_clock=lambda: self.cpu,
+            **kwargs,  # type: ignore[arg-type]
+        )
 
 
 @dataclass
@@ -134,6 +140,21 @@ def test_a_busy_first_window_does_not_become_the_baseline() -> None:
     sim.run(limit, 10.0)
     assert max(sim.limits(after_s=3.0)) <= 2
     assert limit.unloaded_s is not None and limit.unloaded_s < 0.03
+
+
+def test_a_loaded_machine_does_not_hide_a_serial_sink() -> None:
+    """The loop waits for a core 60 % of the time (other processes), its own CPU small: a sink
+    that serves one call at a time still brings the limit down to 1-2."""
+    clocks = Clocks()
+    limit = AdaptiveLimit(
+        20,
+        clock=lambda: clocks.now,
+        busy_clock=lambda: clocks.cpu + 0.6 * clocks.now,
+        cpu_clock=lambda: clocks.cpu,
+    )
+    sim = Sim(lambda: 0.022, capacity=1, clocks=clocks)
+    sim.run(limit, 10.0)
+    assert max(sim.limits(after_s=3.0)) <= 2
 
 
 def test_own_cpu_limit_is_not_read_as_queueing() -> None:
