@@ -19,13 +19,15 @@ import structlog
 
 from worker.breaker import CircuitBreaker, State
 from worker.headers import first_failure, previous_attempts
+from worker.keys import key_of
 from worker.ledger import Claim, Ledger, NoLedger, Status
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
-from worker.outcome import Action, Decision, Kind, Outcome, Reason, RetryPolicy, classify
+from worker.outcome import Action, Decision, Kind, Outcome, RetryPolicy, classify
 from worker.settings import Settings
 from worker.sink import Sink, StoreRequest
+from worker.summary import requests_for
 
 log = structlog.get_logger("worker.pipeline")
 NOT_ATTEMPTED = "sink circuit open: not attempted"
@@ -215,20 +217,7 @@ class Pipeline:
             self._breaker.release()
 
     def _requests(self, item: MemoryItem, key: str) -> list[StoreRequest] | Outcome:
-        metadata = item.metadata.model_dump(mode="json", exclude_none=True)
-        limit = self._settings.sink.max_content_chars
-        content = item.content
-        if len(content) <= limit:
-            return [StoreRequest(content, metadata, key)]
-        if self._settings.sink.oversize == "dead_letter":
-            detail = f"content has {len(content)} characters; the sink keeps at most {limit}"
-            return Outcome.invalid(Reason.TOO_LARGE, detail)
-        chunks = [content[i : i + limit] for i in range(0, len(content), limit)]
-        total = len(chunks)
-        return [
-            StoreRequest(chunk, metadata, f"{key}#{n}/{total}", (f"part:{n}/{total}", f"of:{key}"))
-            for n, chunk in enumerate(chunks, 1)
-        ]
+        return requests_for(item, key, self._settings.sink)
 
     async def requeue(self, delivery: Delivery) -> Verdict:
         """Hand a delivery back untouched because the worker is stopping; logged like any other."""
@@ -260,6 +249,7 @@ class Pipeline:
         except DecodeError as exc:
             return Outcome.invalid(exc.reason, exc.detail)
         try:
+            key = key_of(delivery.message_id, item, self._settings.worker.key_fields)
             return await self.store_item(item, key)
         except Exception as exc:
             log.exception("store_crashed", idempotency_key=key)
