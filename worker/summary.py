@@ -67,6 +67,9 @@ def requests_for(item: MemoryItem, key: str, sink: SinkSettings) -> list[StoreRe
         return prepared
     content, tags = prepared
     metadata = item.metadata.model_dump(mode="json", exclude_none=True)
+    passed = metadata.get("tags")
+    if isinstance(passed, list) and all(isinstance(t, str) for t in passed):
+        tags = (*tags, *passed)  # an outbox row's own tags (worker.mahavishnu)
     limit = sink.max_content_chars
     if len(content) <= limit:
         return [StoreRequest(content, metadata, key, tags)]
