@@ -374,7 +374,7 @@ def encode_item(item: MemoryItem) -> bytes:
 
 
 def idempotency_key(message_id: str | None, body: bytes) -> str:
-    """Return the message id if set, else a SHA-256 of the body."""
+    """The message id if set, else a SHA-256 of the body: a message's identity, as in the DLQ."""
     if message_id:
         return message_id
     return "sha256:" + hashlib.sha256(body).hexdigest()

@@ -34,7 +34,7 @@ def summarize(metadata: MemoryMetadata) -> str:
     if metadata.exit_code is not None:
         parts.append(f"exit code {metadata.exit_code}")
     if metadata.duration_seconds is not None:
-        parts.append(f"after {metadata.duration_seconds:.3g} s")
+        parts.append(f"after {round(metadata.duration_seconds, 2)} s")
     text = ", ".join(parts) + "."
     if metadata.error:
         error = " ".join(metadata.error.split())
