@@ -46,7 +46,11 @@ def sample_item(n: int) -> dict[str, Any]:
 
 
 def broken_messages() -> list[tuple[bytes, str | None]]:
-    """Messages a worker must dead-letter at once (body, content type)."""
+    """Messages a worker must dead-letter at once (body, content type).
+
+    Blank and long content are not among them: by default they are stored, as a summary and
+    in parts.
+    """
     item = sample_item(0)
     nan = {**item, "metadata": {**item["metadata"], "duration_seconds": float("nan")}}
     no_pool = {**item, "metadata": {k: v for k, v in item["metadata"].items() if k != "pool_id"}}
@@ -56,9 +60,7 @@ def broken_messages() -> list[tuple[bytes, str | None]]:
         (b'{"content": "\xff\xfe"}', json_type),
         (json.dumps(nan).encode(), json_type),
         (json.dumps(no_pool).encode(), json_type),
-        (json.dumps({**item, "content": "   "}).encode(), json_type),
         (b"plain words", "text/plain"),
-        (json.dumps({**item, "content": "x" * 12_000}).encode(), json_type),
     ]
 
 

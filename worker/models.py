@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from worker.outcome import Reason
@@ -115,16 +115,9 @@ class MemoryItem(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
 
+    # Blank content decodes: Mahavishnu's pools send it, and `worker.summary` decides its fate.
     content: str
     metadata: MemoryMetadata
-
-    @field_validator("content")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        """Reject content with no visible character."""
-        if not value.strip():
-            raise PydanticCustomError("blank", "must not be blank")
-        return value
 
 
 def too_large(content: str, limit: int) -> str | None:
@@ -381,7 +374,7 @@ def encode_item(item: MemoryItem) -> bytes:
 
 
 def idempotency_key(message_id: str | None, body: bytes) -> str:
-    """Return the message id if set, else a SHA-256 of the body."""
+    """The message id if set, else a SHA-256 of the body: a message's identity, as in the DLQ."""
     if message_id:
         return message_id
     return "sha256:" + hashlib.sha256(body).hexdigest()

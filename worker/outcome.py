@@ -37,6 +37,7 @@ class Kind(enum.StrEnum):
     CRASHED = "crashed"
     CANCELLED = "cancelled"
     DEFERRED = "deferred"
+    SKIPPED = "skipped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +95,11 @@ class Outcome:
     def cancelled(cls) -> Outcome:
         """The worker is shutting down before the insert finished."""
         return cls(Kind.CANCELLED, "worker shutting down")
+
+    @classmethod
+    def skipped(cls, detail: str) -> Outcome:
+        """Not stored on purpose (blank content under `skip`): acked, counted by its kind."""
+        return cls(Kind.SKIPPED, detail)
 
     @classmethod
     def deferred(cls, detail: str) -> Outcome:
@@ -158,7 +164,7 @@ def classify(
     item, whose store another worker has in flight (the shared ledger says so).
     """
     match outcome.kind:
-        case Kind.STORED | Kind.DUPLICATE:
+        case Kind.STORED | Kind.DUPLICATE | Kind.SKIPPED:
             return Decision(Action.ACK)
         case Kind.CANCELLED:
             return Decision(Action.REQUEUE)

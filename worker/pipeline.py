@@ -17,13 +17,15 @@ import structlog
 
 from worker.breaker import CircuitBreaker, State
 from worker.headers import first_failure, previous_attempts
+from worker.keys import key_of
 from worker.ledger import Claim, Ledger, NoLedger, RecentKeys, Status
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, RetryPolicy, classify
 from worker.settings import Settings
-from worker.sink import Sink, StoreRequest, store_requests
+from worker.sink import Sink, StoreRequest
+from worker.summary import requests_for
 
 log = structlog.get_logger("worker.pipeline")
 NOT_ATTEMPTED = "sink circuit open: not attempted"
@@ -84,7 +86,7 @@ class Pipeline:
         """
         if key in self._recent:
             return _DUPLICATE
-        requests = store_requests(item, key, self._settings.sink)
+        requests = requests_for(item, key, self._settings.sink)
         if isinstance(requests, Outcome):
             return requests
         admitted = await self._admission(key, requests)
@@ -232,6 +234,7 @@ class Pipeline:
         except DecodeError as exc:
             return Outcome.invalid(exc.reason, exc.detail)
         try:
+            key = key_of(delivery.message_id, item, self._settings.worker.key_fields)
             return await self.store_item(item, key)
         except Exception as exc:
             log.exception("store_crashed", idempotency_key=key)

@@ -19,6 +19,10 @@ from typing import Any
 from pydantic import BaseModel
 
 ENV_PREFIX = "MAHAVISHNU_"
+#: The worker's own prefix: Mahavishnu never reads it, so it cannot break Mahavishnu. It wins.
+OWN_PREFIX = "MEMORY_WORKER_"
+#: `MEMORY_WORKER_*` variables that are not settings: the settings file list, the tests' broker.
+OWN_NOT_SETTINGS = ("CONFIG", "TEST_")
 CLOSE = 0.85  # difflib ratio: one or two characters off in a name of ten or more
 
 MAHAVISHNU_TOP = frozenset(
@@ -176,7 +180,11 @@ def scan_mapping(
 
 
 def scan_env(sources: Sources, model: type[BaseModel], environ: Mapping[str, str]) -> None:
-    """Record the origin of every `MAHAVISHNU_*` variable, and judge the names of the others."""
+    """Record the origin of every `MAHAVISHNU_*` and `MEMORY_WORKER_*` variable; judge names.
+
+    `MEMORY_WORKER_*` is scanned last, so where both give a setting its origin is the one that
+    wins. Mahavishnu's own keys pass silently only under its prefix: under ours nothing reads them.
+    """
     sections = _fields(model)
     ours = {
         f"{s}__{k}".upper(): (s, k)
@@ -184,29 +192,45 @@ def scan_env(sources: Sources, model: type[BaseModel], environ: Mapping[str, str
         if m is not None
         for k in _fields(m)
     }
-    for var in environ:
-        if not var.upper().startswith(ENV_PREFIX):
-            continue
-        rest = var[len(ENV_PREFIX) :].upper()
-        where = f"env {var}"
-        if rest in ours:
-            sources.origin[ours[rest]] = where
-            continue
-        section, _, key = rest.lower().partition("__")
-        if section in sections and key and sections[section] is not None and section != "pools":
-            model_fields = _fields(sections[section])  # type: ignore[arg-type]
-            _check_key(sources, section, key.partition("__")[0], model_fields, where)
-            continue
+    for prefix in (ENV_PREFIX, OWN_PREFIX):
+        for var in environ:
+            if var.upper().startswith(prefix):
+                _scan_var(sources, sections, ours, var, prefix)
+
+
+def _scan_var(
+    sources: Sources,
+    sections: Mapping[str, type[BaseModel] | None],
+    ours: Mapping[str, tuple[str, str]],
+    var: str,
+    prefix: str,
+) -> None:
+    """Record one variable's origin, or an error or warning about its name."""
+    rest = var[len(prefix) :].upper()
+    where = f"env {var}"
+    if rest in ours:
+        sources.origin[ours[rest]] = where
+        return
+    mahavishnu = prefix == ENV_PREFIX
+    if not mahavishnu and rest.startswith(OWN_NOT_SETTINGS):
+        return
+    section, _, key = rest.lower().partition("__")
+    section_model = sections.get(section)
+    if key and section_model is not None and (section != "pools" or not mahavishnu):
         if section == "pools" and key in MAHAVISHNU_POOLS:
-            continue
-        if section in MAHAVISHNU_TOP and section != "pools":
-            continue
-        if (guess := _close(rest, ours)) is not None:
-            sources.errors.append(
-                f"{var} (env): unknown setting; did you mean {ENV_PREFIX}{guess}?"
-            )
-        else:
-            sources.warnings.append(f"{var} (env): not a memory-worker setting; ignored")
+            sources.warnings.append(f"{var} (env): a Mahavishnu setting, which reads {ENV_PREFIX}")
+            return
+        model_fields = _fields(section_model)
+        _check_key(sources, section, key.partition("__")[0], model_fields, where)
+        return
+    if mahavishnu and section == "pools" and key in MAHAVISHNU_POOLS:
+        return
+    if mahavishnu and section in MAHAVISHNU_TOP and section != "pools":
+        return
+    if (guess := _close(rest, ours)) is not None:
+        sources.errors.append(f"{var} (env): unknown setting; did you mean {prefix}{guess}?")
+    else:
+        sources.warnings.append(f"{var} (env): not a memory-worker setting; ignored")
 
 
 def describe(errors: Iterable[Mapping[str, Any]], sources: Sources, secret: set[str]) -> str:
@@ -215,9 +239,11 @@ def describe(errors: Iterable[Mapping[str, Any]], sources: Sources, secret: set[
     for err in errors:
         loc = tuple(str(p) for p in err["loc"])
         dotted = ".".join(loc)
-        env = ENV_PREFIX + "__".join(p.upper() for p in loc)
+        suffix = "__".join(p.upper() for p in loc)
+        env = ENV_PREFIX + suffix
         origin = sources.of(loc)
-        where = origin if origin == f"env {env}" else f"{origin or 'default'}; env {env}"
+        from_env = origin in (f"env {env}", f"env {OWN_PREFIX}{suffix}")
+        where = origin if from_env else f"{origin or 'default'}; env {env}"
         shown = ""
         if "input" in err and loc in sources.origin:
             value = "****" if dotted in secret else repr(err["input"])

@@ -22,7 +22,15 @@ import asyncio
 import contextlib
 import threading
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Coroutine, Iterable, Mapping
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from types import TracebackType
@@ -34,9 +42,12 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
 from worker.broker import CONFIRM_TIMEOUT_S, connect
-from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
+from worker.keys import DEFAULT_KEY_FIELDS, item_key
+from worker.models import DecodeError, MemoryItem, encode_item, item_from_dict
 from worker.outcome import Reason
+from worker.sections import BlankContent
 from worker.settings import Settings
+from worker.summary import BLANK_DETAIL, is_blank
 from worker.topology import Topology, TopologyError
 
 MAX_OUTSTANDING = 256
@@ -118,11 +129,15 @@ class Publisher:
         *,
         confirm_timeout_s: float = CONFIRM_TIMEOUT_S,
         max_body_bytes: int | None = None,
+        key_fields: Sequence[str] = DEFAULT_KEY_FIELDS,
+        blank_content: BlankContent = "summarize",
     ) -> None:
         self._connection = connection
         self._topology = topology
         self._timeout_s = confirm_timeout_s
         self._max_body_bytes = max_body_bytes
+        self._key_fields = tuple(key_fields)
+        self._blank_content: BlankContent = blank_content
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
 
@@ -160,11 +175,16 @@ class Publisher:
                 Reason.SCHEMA, f"an item must be an object, not {type(item).__name__}"
             )
         model = item_from_dict(item)
+        if self._blank_content == "dead_letter" and is_blank(model.content):
+            # The worker would dead-letter it: refuse it here, before it is sent.
+            raise DecodeError(Reason.SCHEMA, BLANK_DETAIL)
         body = encode_item(model)
         if self._max_body_bytes is not None and len(body) > self._max_body_bytes:
             detail = f"body is {len(body)} bytes, limit is {self._max_body_bytes}"
             raise DecodeError(Reason.TOO_LARGE, detail)
-        return body, idempotency_key(None, body)
+        # The message id is the idempotency key, built without the collection time, so the
+        # same worker collected on every sync is one key (see worker.keys).
+        return body, item_key(model, self._key_fields)
 
     async def publish_item(self, item: ItemLike) -> str:
         """Validate and publish one item; returns its idempotency key (the message id)."""
@@ -281,7 +301,13 @@ async def open_publisher(
     topology = Topology.from_settings(settings)
     async with (
         connection,
-        Publisher(connection, topology, max_body_bytes=settings.worker.max_body_bytes) as publisher,
+        Publisher(
+            connection,
+            topology,
+            max_body_bytes=settings.worker.max_body_bytes,
+            key_fields=settings.worker.key_fields,
+            blank_content=settings.sink.blank_content,
+        ) as publisher,
     ):
         yield publisher
 

@@ -14,6 +14,10 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, field_
 
 from worker.outcome import RetryPolicy
 
+#: Pool, worker, what happened and what it said: a worker whose status changes is stored again.
+BlankContent = Literal["summarize", "dead_letter", "skip"]
+DEFAULT_KEY_FIELDS = ("pool_id", "worker_id", "status", "exit_code", "content")
+
 
 class PoolsSettings(BaseModel):
     """ACT-008's `pools` section; shared with Mahavishnu, so unknown keys are ignored."""
@@ -97,7 +101,15 @@ class SinkSettings(BaseModel):
     timeout_s: float = Field(default=30.0, gt=0, le=3600, description="Per-item timeout")
     connect_timeout_s: float = Field(default=5.0, gt=0, le=120)
     max_content_chars: int = Field(default=10_000, ge=1)
-    oversize: Literal["dead_letter", "split"] = "dead_letter"
+    oversize: Literal["dead_letter", "split"] = Field(
+        default="split",
+        description="Content over max_content_chars: stored as linked parts, or dead-lettered",
+    )
+    blank_content: BlankContent = Field(
+        default="summarize",
+        description="Blank content: a text generated from the metadata, a dead letter, or "
+        "acked unstored (counted as skipped)",
+    )
     tag_fields: list[str] = Field(
         default_factory=lambda: ["type", "pool_id", "pool_type", "worker_id", "status", "exit_code"]
     )
@@ -174,6 +186,12 @@ class WorkerSettings(BaseModel):
     max_body_bytes: int = Field(default=1_048_576, ge=1024, le=128 * 1024 * 1024)
     max_json_depth: int = Field(default=32, ge=2, le=1000)
     dedupe_cache_size: int = Field(default=100_000, ge=0)
+    key_fields: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_KEY_FIELDS),
+        min_length=1,
+        description="What the idempotency key of an item without a message id is made of: "
+        "`content` and metadata keys (never the collection time)",
+    )
 
 
 class LedgerSettings(BaseModel):

@@ -21,12 +21,13 @@ from worker.breaker import CircuitBreaker, State
 from worker.broker import CONFIRM_TIMEOUT_S, BrokerUnavailable, connect, masked
 from worker.consumer import Consumer
 from worker.dispatch import Dispatcher
+from worker.keys import item_key
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
 from worker.mcp import McpSink
 from worker.metrics import Metrics
-from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
+from worker.models import DecodeError, MemoryItem, item_from_dict
 from worker.ops import OpsServer
 from worker.outcome import Outcome
 from worker.pipeline import Pipeline
@@ -261,7 +262,9 @@ class MemoryInserter:
                     item = raw if isinstance(raw, MemoryItem) else item_from_dict(raw)
                 except DecodeError as exc:
                     return Outcome.invalid(exc.reason, exc.detail)
-                return await pipeline.store_item(item, idempotency_key(None, encode_item(item)))
+                return await pipeline.store_item(
+                    item, item_key(item, self.settings.worker.key_fields)
+                )
 
         return list(await asyncio.gather(*(insert(i) for i in items)))
 

@@ -1,4 +1,4 @@
-"""Settings: committed YAML, a git-ignored local YAML, `MAHAVISHNU_*` env vars, then CLI flags.
+"""Settings: committed YAML, local YAML, `MAHAVISHNU_*`, `MEMORY_WORKER_*` env vars, CLI flags.
 
 Later sources win. Every derived value (prefetch, HTTP pool size, retry policy) is computed
 here, in one place, so the consumer and the sink can never disagree about them.
@@ -21,12 +21,13 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
 )
 
-from worker.provenance import Sources, describe, scan_env, scan_mapping
+from worker.provenance import OWN_PREFIX, Sources, describe, scan_env, scan_mapping
 from worker.sections import (
     LedgerSettings,
     PoolsSettings,
@@ -73,7 +74,12 @@ class Settings(BaseSettings):
         yaml_sources = [
             YamlConfigSettingsSource(settings_cls, yaml_file=f) for f in reversed(files)
         ]
-        return (init_settings, env_settings, *yaml_sources)
+        # The worker's own prefix comes before MAHAVISHNU_, so it wins: Mahavishnu never reads
+        # it, and a key its PoolConfig forbids would stop Mahavishnu (see the README).
+        own_env = EnvSettingsSource(
+            settings_cls, env_prefix=OWN_PREFIX, env_nested_delimiter="__", case_sensitive=False
+        )
+        return (init_settings, own_env, env_settings, *yaml_sources)
 
     @property
     def files(self) -> tuple[str, ...]:

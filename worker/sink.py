@@ -17,9 +17,7 @@ from typing import Any, Protocol, Self
 
 import orjson
 
-from worker.models import MemoryItem, too_large
-from worker.outcome import Outcome, Reason
-from worker.sections import SinkSettings
+from worker.outcome import Outcome
 from worker.transport import HttpClient, Reply, TransportError, TransportTimeout
 
 DETAIL_CHARS = 1000
@@ -59,24 +57,6 @@ def http_failure(reply: Reply) -> Outcome:
     if status in (401, 403, 408, 425, 429) or status >= 500:
         return Outcome.transient(detail, reply.retry_after_s, overload=status in (429, 503))
     return Outcome.rejected(detail)
-
-
-def store_requests(item: MemoryItem, key: str, sink: SinkSettings) -> list[StoreRequest] | Outcome:
-    """The store calls an item needs: one, linked parts when too long, or `too_large`."""
-    metadata = item.metadata.model_dump(mode="json", exclude_none=True)
-    limit = sink.max_content_chars
-    content = item.content
-    if len(content) <= limit:
-        return [StoreRequest(content, metadata, key)]
-    if sink.oversize == "dead_letter":
-        # `memory-worker publish` refuses the same items by the same rule before sending.
-        return Outcome.invalid(Reason.TOO_LARGE, too_large(content, limit) or "")
-    chunks = [content[i : i + limit] for i in range(0, len(content), limit)]
-    total = len(chunks)
-    return [
-        StoreRequest(chunk, metadata, f"{key}#{n}/{total}", (f"part:{n}/{total}", f"of:{key}"))
-        for n, chunk in enumerate(chunks, 1)
-    ]
 
 
 class HttpSink:

@@ -580,8 +580,12 @@ async def test_bad_input_table_is_dead_lettered_with_reasons_by_one_worker(
     """Every broken body is dead-lettered with its reason, the sink never sees it, good items go."""
     good = 20
     async with StandIn() as sb:
+        # Blank and long content are refused only when set to be: by default they are stored
+        # as a summary and in parts (tests/integration/test_mahavishnu.py).
         settings = make_settings(
-            pools={"session_buddy_url": sb.url}, worker={"max_body_bytes": MAX_BODY}
+            pools={"session_buddy_url": sb.url},
+            worker={"max_body_bytes": MAX_BODY},
+            sink={"blank_content": "dead_letter", "oversize": "dead_letter"},
         )
         topology = Topology.from_settings(settings)
         await topology.declare(connection)

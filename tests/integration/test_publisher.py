@@ -22,7 +22,8 @@ from pydantic import SecretStr
 from tests.integration.helpers import depth, item, take_all, worker_env
 from worker.broker import BrokerUnavailable
 from worker.exitcodes import EXIT_DATAERR, EXIT_UNAVAILABLE
-from worker.models import DecodeError, encode_item, idempotency_key, item_from_dict
+from worker.keys import item_key
+from worker.models import DecodeError, item_from_dict
 from worker.publisher import (
     BlockingPublisher,
     ConnectionLost,
@@ -49,7 +50,7 @@ async def declared(make_settings: Any, connection: AbstractRobustConnection, **r
 
 def key_of(data: dict[str, Any]) -> str:
     """The idempotency key the publisher gives an item."""
-    return idempotency_key(None, encode_item(item_from_dict(data)))
+    return item_key(item_from_dict(data))
 
 
 async def until(condition: Any, timeout_s: float = 30.0) -> None:
@@ -129,9 +130,11 @@ async def test_publish_item_is_persistent_json_with_its_key(make_settings, conne
 async def test_invalid_item_is_never_sent(make_settings, connection):
     """An item the worker would reject raises DecodeError and nothing reaches the queue."""
     _, topology = await declared(make_settings, connection)
-    async with Publisher(connection, topology) as publisher:
-        with pytest.raises(DecodeError, match="content"):
+    async with Publisher(connection, topology, blank_content="dead_letter") as publisher:
+        with pytest.raises(DecodeError, match="content is blank"):
             await publisher.publish_item({**item(1), "content": "   "})
+        with pytest.raises(DecodeError, match="content"):
+            await publisher.publish_item({**item(1), "content": 7})
         with pytest.raises(DecodeError, match="timestamp"):
             bad = {**item(1), "metadata": {**item(1)["metadata"], "timestamp": float("nan")}}
             await publisher.publish_item(bad)

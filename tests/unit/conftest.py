@@ -12,12 +12,12 @@ from worker.settings import CONFIG_ENV
 
 @pytest.fixture(autouse=True)
 def isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """Hide MAHAVISHNU_* env vars and the repo's YAML files from `Settings`.
+    """Hide MAHAVISHNU_* and MEMORY_WORKER_* env vars and the repo's YAML files from `Settings`.
 
-    Every unit test runs with no MAHAVISHNU_* variable, no MEMORY_WORKER_CONFIG and an empty
+    Every unit test runs with no such variable (MEMORY_WORKER_CONFIG included) and an empty
     working directory, so it sees the defaults plus whatever it sets itself.
     """
     for name in list(os.environ):
-        if name.upper().startswith("MAHAVISHNU_") or name == CONFIG_ENV:
+        if name.upper().startswith(("MAHAVISHNU_", "MEMORY_WORKER_")) or name == CONFIG_ENV:
             monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)

@@ -194,7 +194,7 @@ async def test_inserter_accepts_items_and_rejects_invalid_dicts() -> None:
     """MemoryItem instances are stored; invalid dicts give INVALID outcomes and skip the sink."""
     sink = FakeSink()
     good = MemoryItem.model_validate(valid_item("a model"))
-    bad_blank = valid_item("   ")
+    bad_blank = valid_item("x", status="")
     bad_missing = {"content": "no metadata"}
     bad_type = valid_item("x", exit_code="zero")
     async with MemoryInserter(make_settings(), sink=sink) as inserter:

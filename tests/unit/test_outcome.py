@@ -54,6 +54,8 @@ CASES: list[tuple[str, Outcome, int, float, Decision]] = [
     ("stored-past-every-limit", Outcome.stored(), 99, 10_000.0, ack()),
     ("duplicate", Outcome.duplicate(), 1, 0.0, ack()),
     ("duplicate-past-every-limit", Outcome.duplicate(), 99, 10_000.0, ack()),
+    ("skipped", Outcome.skipped("blank"), 1, 0.0, ack()),
+    ("skipped-past-every-limit", Outcome.skipped("blank"), 99, 10_000.0, ack()),
     *[(f"invalid-{r.value}", Outcome.invalid(r, "bad"), 1, 0.0, dead(r)) for r in INVALID_REASONS],
     ("invalid-later-attempt", Outcome.invalid(Reason.SCHEMA, "bad"), 3, 5.0, dead(Reason.SCHEMA)),
     ("invalid-without-reason", Outcome(Kind.INVALID, "bad"), 1, 0.0, dead(Reason.SCHEMA)),
@@ -93,6 +95,7 @@ CASES: list[tuple[str, Outcome, int, float, Decision]] = [
 SYSTEMIC_CASES: list[tuple[str, Outcome, int, float, Decision]] = [
     ("systemic-stored", Outcome.stored(), 1, 0.0, ack()),
     ("systemic-duplicate", Outcome.duplicate(), 1, 0.0, ack()),
+    ("systemic-skipped", Outcome.skipped("blank"), 1, 0.0, ack()),
     ("systemic-invalid", Outcome.invalid(Reason.SCHEMA, "bad"), 1, 0.0, dead(Reason.SCHEMA)),
     ("systemic-rejected", Outcome.rejected("❌ no"), 1, 0.0, dead(Reason.REJECTED_BY_SINK)),
     ("systemic-crashed", Outcome.crashed(RuntimeError("x")), 1, 0.0, dead(Reason.INTERNAL_ERROR)),

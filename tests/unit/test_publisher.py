@@ -10,7 +10,8 @@ from typing import Any, cast
 import pytest
 
 from tests.unit.fakes import until
-from worker.models import DecodeError, MemoryItem, idempotency_key
+from worker.keys import item_key
+from worker.models import DecodeError, MemoryItem
 from worker.outcome import Reason
 from worker.publisher import (
     BatchFailed,
@@ -50,11 +51,13 @@ class GatedPublisher(Publisher):
             self.in_flight -= 1
 
 
-def test_encode_is_compact_json_keyed_by_its_hash():
-    """An item encodes to compact JSON whose SHA-256 is its message id."""
+def test_encode_is_compact_json_keyed_by_its_stable_fields():
+    """An item encodes to compact JSON; its message id is the key of its stable fields."""
     body, key = GatedPublisher().encode(valid_item("hello"))
     assert json.loads(body) == valid_item("hello") and b", " not in body
-    assert key == idempotency_key(None, body)
+    assert key == item_key(MemoryItem.model_validate(valid_item("hello")))
+    _, later = GatedPublisher().encode(valid_item("hello", timestamp=1_800_000_000.0))
+    assert later == key  # a later collection of the same memory: the same message id
 
 
 def test_a_model_encodes_like_its_dict():

@@ -27,6 +27,7 @@ from worker.models import DecodeError, MemoryItem, decode_item, too_large
 from worker.outcome import Reason
 from worker.publisher import PublishResult, open_publisher
 from worker.settings import Settings
+from worker.summary import blank_refusal
 
 SHOWN_ERRORS = 20
 
@@ -124,6 +125,9 @@ def _validate(
             bad.append((number, f"{exc.reason.value}: {exc.detail}"))
             continue
         sink = settings.sink
+        if why := blank_refusal(item, sink):
+            bad.append((number, f"{Reason.SCHEMA.value}: {why}"))
+            continue
         if sink.oversize == "dead_letter" and (
             why := too_large(item.content, sink.max_content_chars)
         ):
