@@ -116,13 +116,19 @@ class Metrics:
             self._busy_since = time.perf_counter()
         self.in_flight += 1
 
-    def insert_finished(self, stored: bool, latency_s: float) -> None:
-        """An insert ends; closes the busy period when it was the last one running."""
+    def insert_finished(self, stored: bool, latency_s: float, error: bool = True) -> None:
+        """An insert ends; closes the busy period when it was the last one running.
+
+        `error=False` for an insert a shutdown cut short: ACT-008's `errors` counts failures,
+        and such an item is requeued, not failed.
+        """
         self.in_flight -= 1
-        self.sink_latency.observe(latency_s)
         if stored:
             self.total_items_inserted += 1
-        self.errors += not stored
+        elif error:
+            self.errors += 1
+        if error or stored:
+            self.sink_latency.observe(latency_s)
         if self.in_flight == 0 and self._busy_since is not None:
             self._busy_s += time.perf_counter() - self._busy_since
             self._busy_since = None

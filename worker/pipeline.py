@@ -147,19 +147,26 @@ class Pipeline:
                     self._recent.add(key)  # every part stored: a redelivery is a duplicate
         except TimeoutError:
             return Outcome.timeout(timeout_s)
-        except BaseException:
-            await self._abandon(outcome, claim, probe, started)
+        except BaseException as exc:
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            await self._abandon(outcome, claim, probe, started, cancelled)
             raise
         return outcome
 
-    async def _abandon(self, outcome: Outcome, claim: Claim, probe: bool, started: float) -> None:
+    async def _abandon(
+        self, outcome: Outcome, claim: Claim, probe: bool, started: float, cancelled: bool
+    ) -> None:
         """A cancelled or crashed attempt: hand back the probe and the claim, end the insert."""
         try:
             if probe and self._breaker is not None:
                 self._breaker.release()
             await self._ledger.release(claim)
         finally:
-            self._measure(outcome, started)
+            if cancelled:
+                # A shutdown cut the store short: not the sink's latency, not an error.
+                self._metrics.insert_finished(False, time.perf_counter() - started, error=False)
+            else:
+                self._measure(outcome, started)
 
     async def _report(
         self, outcome: Outcome, key: str, claim: Claim, probe: bool, started: float

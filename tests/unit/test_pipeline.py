@@ -300,11 +300,13 @@ async def test_drain_lets_in_flight_finish_within_grace() -> None:
 
 
 async def test_drain_cancels_and_requeues_the_rest() -> None:
-    """Inserts still running when the grace period ends are cancelled and requeued, never DLQ'd."""
+    """Inserts still running when the grace period ends are cancelled and requeued, never DLQ'd,
+    and not counted as ACT-008 errors."""
     sink = FakeSink()
     sink.gate = asyncio.Event()  # the stuck ones never finish
     sink.gates["quick"] = asyncio.Event()
-    dispatcher = Dispatcher(make_pipeline(sink), limit=5)
+    pipeline = make_pipeline(sink)
+    dispatcher = Dispatcher(pipeline, limit=5)
     quick = delivery("quick")
     stuck = [delivery(f"stuck {i}", headers={H_ATTEMPTS: 3}) for i in range(3)]
     for d in (quick, *stuck):
@@ -321,6 +323,9 @@ async def test_drain_cancels_and_requeues_the_rest() -> None:
         assert d.verdict.attempt == 4
     assert sink.active == 0
     assert dispatcher.in_flight == 0
+    # A shutdown requeue is not a failure: ACT-008's errors stays 0, the one store counted.
+    metrics = pipeline._metrics.get_insertion_metrics()
+    assert metrics["errors"] == 0 and metrics["total_items_inserted"] == 1
 
 
 async def test_submit_after_drain_started_is_requeued() -> None:
