@@ -8,7 +8,6 @@ requeue the rest, then close the channel, the connection, the sink and the HTTP 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -32,11 +31,11 @@ from worker.outcome import Outcome
 from worker.pipeline import Pipeline
 from worker.settings import Settings
 from worker.sink import HttpSink, Sink, SinkConfigError
+from worker.steering import Steering, SteeringCrashed
 from worker.topology import Topology, check_consumer_timeout, check_queue_policies
 from worker.transport import HttpClient, TransportError, make_client
 
 log = structlog.get_logger("worker.service")
-RESUBSCRIBE_EVERY_S = 1.0
 
 
 def make_sink(settings: Settings, client: HttpClient) -> McpSink | HttpSink:
@@ -81,13 +80,13 @@ class Service:
         self.metrics.limit_gauge.set(self.limit.limit)
         self.ops_port: int | None = None
         self._running = False
-        self._steer_wakeup = asyncio.Event()
         self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
         self._stack = AsyncExitStack()
         self._consumer: Consumer | None = None
         self._connection: AbstractRobustConnection | None = None
         self._dispatcher: Dispatcher | None = None
-        self._steering: asyncio.Task[None] | None = None
+        self._steering: Steering | None = None
 
     @property
     def ready(self) -> bool:
@@ -142,7 +141,8 @@ class Service:
         )
         self._stack.push_async_callback(self._consumer.close)
         await self._consumer.start()
-        self._steering = asyncio.create_task(self._steer(self._consumer))
+        self._steering = Steering(self._consumer, self.breaker, s.prefetch, self._steering_crashed)
+        self._steering.start()
         self._running = True
         log.info(
             "worker_started",
@@ -162,7 +162,8 @@ class Service:
         log.debug("concurrency_limit_changed", limit=limit, why=why, unloaded_ms=unloaded_ms)
 
     def _breaker_changed(self, state: State, detail: str) -> None:
-        self._steer_wakeup.set()
+        if self._steering is not None:
+            self._steering.wake()
         self.metrics.breaker_state.set(state.value)
         self.metrics.breaker_transitions.labels(state.name.lower()).inc()
         if state is State.OPEN:
@@ -173,29 +174,12 @@ class Service:
         else:
             log.info("breaker_closed", last_failure=detail)
 
-    async def _steer(self, consumer: Consumer) -> None:
-        """Make the consumer follow the breaker: paused while open, prefetch 1 while probing.
-
-        Closed: `Settings.prefetch` (from the maximum), whatever the adaptive limit is.
-        A lower limit is enforced by the dispatcher's slots; following it with prefetch would
-        re-subscribe the consumer on every change (a `basic.qos` applies to consumers started
-        after it), and each re-subscription costs a round trip and can cause redeliveries.
-        """
-        breaker = self.breaker
-        wakeup = self._steer_wakeup
-        while True:
-            wakeup.clear()  # before looking, so no change is missed
-            state = breaker.state
-            timeout_s: float | None = None
-            if state is State.OPEN:
-                await consumer.pause()
-                timeout_s = breaker.open_remaining_s
-            else:
-                await consumer.resume(1 if state is State.HALF_OPEN else self.settings.prefetch)
-                if not consumer.consuming and not consumer.stopped:
-                    timeout_s = RESUBSCRIBE_EVERY_S  # the subscribe failed: never sit idle
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout_s)
+    def _steering_crashed(self, error: BaseException) -> None:
+        # Without steering the consumer would keep taking deliveries while the breaker is
+        # open: not ready at once, and stop (`__aexit__` raises `SteeringCrashed`, exit 70).
+        self._failure = error
+        self._running = False
+        self.stop()
 
     def stop(self) -> None:
         """Ask the worker to shut down; safe to call from a signal handler."""
@@ -212,15 +196,15 @@ class Service:
         if self._consumer is not None:
             await self._consumer.cancel()
         if self._steering is not None:
-            self._steering.cancel()
-            [error] = await asyncio.gather(self._steering, return_exceptions=True)
-            if not isinstance(error, asyncio.CancelledError | None):
-                log.error("steering_failed", error=repr(error))
+            await self._steering.stop()
         requeued = 0
         if self._dispatcher is not None:
             requeued = await self._dispatcher.drain(self.settings.worker.grace_s)
         await self._stack.aclose()
         log.info("worker_stopped", requeued=requeued, **self.metrics.get_insertion_metrics())
+        failure = self._failure
+        if failure is not None and e is None:
+            raise SteeringCrashed(f"the steering loop crashed: {failure!r}") from failure
 
 
 class MemoryInserter:
