@@ -23,7 +23,7 @@ from worker.dispatch import Dispatcher
 from worker.ledger import open_ledger
 from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
-from worker.mcp import McpSink
+from worker.mcp import McpSink, make_sink
 from worker.metrics import Metrics
 from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.ops import OpsServer
@@ -33,17 +33,9 @@ from worker.settings import Settings
 from worker.sink import HttpSink, Sink, SinkConfigError
 from worker.steering import Steering, SteeringCrashed
 from worker.topology import Topology, check_consumer_timeout, check_queue_policies
-from worker.transport import HttpClient, TransportError, make_client
+from worker.transport import TransportError, make_client
 
 log = structlog.get_logger("worker.service")
-
-
-def make_sink(settings: Settings, client: HttpClient) -> McpSink | HttpSink:
-    """The sink the settings name."""
-    url = str(settings.pools.session_buddy_url)
-    if settings.sink.kind == "http":
-        return HttpSink(client, url)
-    return McpSink(client, url, settings.sink)
 
 
 async def preflight_sink(sink: McpSink | HttpSink, tool: str) -> None:
