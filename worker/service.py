@@ -1,4 +1,4 @@
-"""The composition roots: `Service` (the worker process) and `MemoryInserter` (the library).
+"""The composition root: `Service` builds the worker's parts and starts and stops them in order.
 
 Shutdown order matters and is written once, in `Service.__aexit__`: stop being ready, cancel
 the consumer so nothing new arrives, let in-flight inserts finish within the grace period,
@@ -8,10 +8,9 @@ requeue the rest, then close the channel, the connection, the sink and the HTTP 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import structlog
 from aio_pika.abc import AbstractRobustConnection
@@ -25,12 +24,10 @@ from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
 from worker.mcp import McpSink, make_sink
 from worker.metrics import Metrics
-from worker.models import DecodeError, MemoryItem, encode_item, idempotency_key, item_from_dict
 from worker.ops import OpsServer
-from worker.outcome import Outcome
 from worker.pipeline import Pipeline
 from worker.settings import Settings
-from worker.sink import HttpSink, Sink, SinkConfigError
+from worker.sink import HttpSink, SinkConfigError
 from worker.steering import Steering, SteeringCrashed
 from worker.topology import Topology, check_consumer_timeout, check_queue_policies
 from worker.transport import TransportError, make_client
@@ -197,57 +194,6 @@ class Service:
         failure = self._failure
         if failure is not None and e is None:
             raise SteeringCrashed(f"the steering loop crashed: {failure!r}") from failure
-
-
-class MemoryInserter:
-    """ACT-008's in-process use: insert a batch in parallel, one outcome per item."""
-
-    def __init__(self, settings: Settings | None = None, sink: Sink | None = None) -> None:
-        self.settings = settings or Settings()
-        self.metrics = Metrics(self.settings.concurrency)
-        self._sink = sink
-        self._stack = AsyncExitStack()
-        self._pipeline: Pipeline | None = None
-
-    async def __aenter__(self) -> Self:
-        sink = self._sink
-        if sink is None:
-            client = await self._stack.enter_async_context(make_client(self.settings))
-            owned = make_sink(self.settings, client)
-            await self._stack.enter_async_context(owned)
-            sink = owned
-        self._pipeline = Pipeline(sink, self.settings, self.metrics)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._stack.aclose()
-
-    async def insert_batch(self, items: Iterable[MemoryItem | Mapping[str, Any]]) -> list[Outcome]:
-        """Store every item, at most `max_concurrent_memory_insertions` at once, in order."""
-        if self._pipeline is None:
-            raise RuntimeError("not open: use `async with MemoryInserter(...)`")
-        pipeline = self._pipeline
-        slots = asyncio.Semaphore(self.settings.concurrency)
-
-        async def insert(raw: MemoryItem | Mapping[str, Any]) -> Outcome:
-            async with slots:
-                try:
-                    item = raw if isinstance(raw, MemoryItem) else item_from_dict(raw)
-                except DecodeError as exc:
-                    return Outcome.invalid(exc.reason, exc.detail)
-                return await pipeline.store_item(item, idempotency_key(None, encode_item(item)))
-
-        return list(await asyncio.gather(*(insert(i) for i in items)))
-
-    def get_insertion_metrics(self) -> dict[str, Any]:
-        """ACT-008's metrics dict."""
-        return self.metrics.get_insertion_metrics()
-
-    def reset_metrics(self) -> None:
-        """Zero ACT-008's counters."""
-        self.metrics.reset_metrics()
 
 
 async def check(settings: Settings) -> dict[str, str | None]:
