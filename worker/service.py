@@ -16,36 +16,22 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from worker.breaker import CircuitBreaker, State
-from worker.broker import CONFIRM_TIMEOUT_S, BrokerUnavailable, connect, masked
+from worker.broker import connect
 from worker.consumer import Consumer
 from worker.dispatch import Dispatcher
 from worker.ledger import open_ledger
-from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
-from worker.mcp import McpSink, make_sink
+from worker.mcp import make_sink
 from worker.metrics import Metrics
 from worker.ops import OpsServer
 from worker.pipeline import Pipeline
+from worker.preflight import check_settings, check_sink, prepare_broker
 from worker.settings import Settings
-from worker.sink import HttpSink, SinkConfigError
 from worker.steering import Steering, SteeringCrashed
-from worker.topology import Topology, check_consumer_timeout, check_queue_policies
-from worker.transport import TransportError, make_client
+from worker.topology import Topology
+from worker.transport import make_client
 
 log = structlog.get_logger("worker.service")
-
-
-async def preflight_sink(sink: McpSink | HttpSink, tool: str) -> None:
-    """Refuse to start when Session-Buddy answers but lacks the tool; warn if it is down."""
-    if not isinstance(sink, McpSink):
-        return
-    try:
-        tools = await sink.list_tools()
-    except (TransportError, SinkConfigError) as exc:
-        log.warning("sink_unreachable_at_start", error=repr(exc))
-        return
-    if tool not in tools:
-        raise SinkConfigError(f"Session-Buddy has no tool {tool!r} (it offers: {tools})")
 
 
 class Service:
@@ -95,7 +81,7 @@ class Service:
     async def _start(self) -> None:
         s = self.settings
         structlog.contextvars.bind_contextvars(worker_id=s.worker.id)
-        check_consumer_timeout(s.sink.timeout_s, s.rabbitmq.consumer_timeout_s, CONFIRM_TIMEOUT_S)
+        check_settings(s)
         if s.worker.ops_port >= 0:
             ops = OpsServer(self.metrics, lambda: self.ready, s.worker.ops_host, s.worker.ops_port)
             await self._stack.enter_async_context(ops)
@@ -103,19 +89,10 @@ class Service:
         client = await self._stack.enter_async_context(make_client(s))
         sink = make_sink(s, client)
         await self._stack.enter_async_context(sink)
-        await preflight_sink(sink, s.sink.tool)
+        await check_sink(sink, s.sink.tool)
         connection = self._connection = await connect(s, wait=True)
         self._stack.push_async_callback(connection.close)
-        if s.rabbitmq.declare:
-            await self.topology.declare(connection)
-        else:
-            await self.topology.check(connection)
-        if s.rabbitmq.management_url is not None:
-            await check_queue_policies(
-                s.rabbitmq.management_url.get_secret_value(),
-                s.rabbitmq.url.get_secret_value(),
-                self.topology,
-            )
+        await prepare_broker(s, self.topology, connection)
         ledger = await self._stack.enter_async_context(open_ledger(s, self.metrics))
         pipeline = Pipeline(sink, s, self.metrics, self.breaker, self.limit, ledger)
         self._dispatcher = Dispatcher(pipeline, self.limit.limit)
@@ -194,33 +171,3 @@ class Service:
         failure = self._failure
         if failure is not None and e is None:
             raise SteeringCrashed(f"the steering loop crashed: {failure!r}") from failure
-
-
-async def check(settings: Settings) -> dict[str, str | None]:
-    """Reach the broker and the sink once; map each to None (fine) or what failed."""
-    results: dict[str, str | None] = {}
-    url = settings.rabbitmq.url.get_secret_value()
-    try:
-        connection = await connect(settings, "check", robust=False)
-        await connection.close()
-        results[f"broker {masked(url)}"] = None
-    except BrokerUnavailable as exc:
-        results[f"broker {masked(url)}"] = repr(exc.error)
-    sink_url = str(settings.pools.session_buddy_url)
-    async with make_client(settings) as client, make_sink(settings, client) as sink:
-        try:
-            if isinstance(sink, McpSink):
-                tools = await sink.list_tools()
-                missing = settings.sink.tool not in tools
-                results[f"sink {sink_url}"] = f"no tool {settings.sink.tool!r}" if missing else None
-            else:
-                await client.request("HEAD", sink_url, {})
-                results[f"sink {sink_url}"] = None
-        except (TransportError, SinkConfigError) as exc:
-            results[f"sink {sink_url}"] = repr(exc)
-    if settings.ledger.url is not None:
-        redis_url = settings.ledger.url.get_secret_value()
-        # A ledger call normally gets ledger.timeout_s; a one-off check can wait a little longer.
-        problem = await ledger_ping(redis_url, max(1.0, settings.ledger.timeout_s))
-        results[f"ledger {masked(redis_url)}"] = problem
-    return results

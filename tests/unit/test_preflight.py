@@ -11,15 +11,14 @@ import pytest
 from structlog.testing import capture_logs
 
 from worker.broker import CONFIRM_TIMEOUT_S
-from worker.settings import Settings
-from worker.topology import (
-    Topology,
-    TopologyError,
+from worker.preflight import (
     check_consumer_timeout,
     check_queue_policies,
     management_queue_url,
     queue_problems,
 )
+from worker.settings import Settings
+from worker.topology import Topology, TopologyError
 
 
 @pytest.mark.parametrize(
