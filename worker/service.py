@@ -1,8 +1,10 @@
 """The composition root: `Service` builds the worker's parts and starts and stops them in order.
 
-Shutdown order matters and is written once, in `Service.__aexit__`: stop being ready, cancel
-the consumer so nothing new arrives, let in-flight inserts finish within the grace period,
-requeue the rest, then close the channel, the connection, the sink and the HTTP client.
+Start order (`_start`): preflight, ops server, sink, broker, ledger, pipeline, consumer, and
+last the steering loop. Shutdown order matters and is written once, in `__aexit__`: stop being
+ready, cancel the consumer so nothing new arrives, stop the steering loop, let in-flight
+inserts finish within the grace period, requeue the rest, then close the channel, the
+connection, the sink and the HTTP client.
 """
 
 from __future__ import annotations
