@@ -7,6 +7,8 @@ from structlog.testing import capture_logs
 
 from tests.unit.fakes import Clock, until
 from worker.breaker import CircuitBreaker
+from worker.cli import app, run
+from worker.exitcodes import EXIT_SOFTWARE
 from worker.service import Service
 from worker.settings import Settings
 from worker.steering import Steering, SteeringCrashed
@@ -98,3 +100,17 @@ async def test_a_steering_crash_stops_the_service_and_fails_its_exit() -> None:
     with pytest.raises(SteeringCrashed) as caught:
         await service.__aexit__(None, None, None)
     assert caught.value.__cause__ is boom
+
+
+def test_the_cli_exits_70_when_the_steering_crashed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`run` ending in `SteeringCrashed` exits EX_SOFTWARE (70), naming the crash."""
+
+    def crashed(*args: object) -> int:
+        raise SteeringCrashed("the steering loop crashed: RuntimeError('boom')")
+
+    monkeypatch.setattr(app, "configure_logging", lambda *args: None)
+    monkeypatch.setattr(run, "cmd_run", crashed)
+    assert app.main(["run"]) == EXIT_SOFTWARE == 70
+    assert "boom" in capsys.readouterr().err
