@@ -10,9 +10,9 @@ import orjson
 from loadtest.broker import item_body
 from loadtest.common import BenchError
 from loadtest.context import Bench
+from worker.inserter import MemoryInserter
 from worker.models import MemoryItem, item_from_dict
 from worker.outcome import Kind
-from worker.service import MemoryInserter
 from worker.settings import Settings
 
 _seq = 0

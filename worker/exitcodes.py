@@ -12,6 +12,9 @@ EXIT_USAGE = 2
 EXIT_DATAERR = 65
 #: EX_UNAVAILABLE: no broker answered (for `run`, within `rabbitmq.startup_wait_s`).
 EXIT_UNAVAILABLE = 69
+#: EX_SOFTWARE: the worker stopped itself after an internal failure (`steering_crashed`: the loop
+#: that keeps the consumer behind the breaker raised); in-flight inserts were drained first.
+EXIT_SOFTWARE = 70
 #: EX_CONFIG: invalid settings, a refused preflight, a queue or exchange declared with other
 #: arguments, or a sink that lacks the tool or refuses the credentials.
 EXIT_CONFIG = 78

@@ -3,6 +3,7 @@
 `McpSink` keeps one long-lived session (initialize, then `tools/call` requests, concurrent),
 re-opens it when the server has lost it, and reads answers sent as JSON or as server-sent
 events. An HTTP 200 from Session-Buddy does not mean stored: the answer's text is what counts.
+`make_sink` picks this client or the plain HTTP one, as `sink.kind` says.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import orjson
 from worker import __version__
 from worker.outcome import Outcome
 from worker.sections import SinkSettings
-from worker.sink import SinkConfigError, StoreRequest, clip, http_failure
+from worker.settings import Settings
+from worker.sink import HttpSink, SinkConfigError, StoreRequest, clip, http_failure
 from worker.transport import HttpClient, Reply, TransportError, TransportTimeout
 
 PROTOCOL_VERSION = "2025-06-18"
@@ -241,3 +243,11 @@ class McpSink:
             raise TransportError(f"notifications/initialized: HTTP {notified.status}")
         self.sessions_opened += 1
         return session
+
+
+def make_sink(settings: Settings, client: HttpClient) -> McpSink | HttpSink:
+    """The sink the settings name: this MCP client, or the plain HTTP one."""
+    url = str(settings.pools.session_buddy_url)
+    if settings.sink.kind == "http":
+        return HttpSink(client, url)
+    return McpSink(client, url, settings.sink)

@@ -1,64 +1,39 @@
-"""The composition roots: `Service` (the worker process) and `MemoryInserter` (the library).
+"""The composition root: `Service` builds the worker's parts and starts and stops them in order.
 
-Shutdown order matters and is written once, in `Service.__aexit__`: stop being ready, cancel
-the consumer so nothing new arrives, let in-flight inserts finish within the grace period,
-requeue the rest, then close the channel, the connection, the sink and the HTTP client.
+Start order (`_start`): preflight, ops server, sink, broker, ledger, pipeline, consumer, and
+last the steering loop. Shutdown order matters and is written once, in `__aexit__`: stop being
+ready, cancel the consumer so nothing new arrives, stop the steering loop, let in-flight
+inserts finish within the grace period, requeue the rest, then close the channel, the
+connection, the sink and the HTTP client.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterable, Mapping
 from contextlib import AsyncExitStack
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from worker.breaker import CircuitBreaker, State
-from worker.broker import CONFIRM_TIMEOUT_S, BrokerUnavailable, connect, masked
+from worker.broker import connect
 from worker.consumer import Consumer
 from worker.dispatch import Dispatcher
-from worker.keys import item_key
 from worker.ledger import open_ledger
-from worker.ledger import ping as ledger_ping
 from worker.limiter import AdaptiveLimit
-from worker.mcp import McpSink
+from worker.mcp import make_sink
 from worker.metrics import Metrics
-from worker.models import DecodeError, MemoryItem, item_from_dict
 from worker.ops import OpsServer
-from worker.outcome import Outcome
 from worker.pipeline import Pipeline
+from worker.preflight import check_settings, check_sink, prepare_broker
 from worker.settings import Settings
-from worker.sink import HttpSink, Sink, SinkConfigError
-from worker.topology import Topology, check_consumer_timeout, check_queue_policies
-from worker.transport import HttpClient, TransportError, make_client
+from worker.steering import Steering, SteeringCrashed
+from worker.topology import Topology
+from worker.transport import make_client
 
 log = structlog.get_logger("worker.service")
-RESUBSCRIBE_EVERY_S = 1.0
-
-
-def make_sink(settings: Settings, client: HttpClient) -> McpSink | HttpSink:
-    """The sink the settings name."""
-    url = str(settings.pools.session_buddy_url)
-    if settings.sink.kind == "http":
-        return HttpSink(client, url)
-    return McpSink(client, url, settings.sink)
-
-
-async def preflight_sink(sink: McpSink | HttpSink, tool: str) -> None:
-    """Refuse to start when Session-Buddy answers but lacks the tool; warn if it is down."""
-    if not isinstance(sink, McpSink):
-        return
-    try:
-        tools = await sink.list_tools()
-    except (TransportError, SinkConfigError) as exc:
-        log.warning("sink_unreachable_at_start", error=repr(exc))
-        return
-    if tool not in tools:
-        raise SinkConfigError(f"Session-Buddy has no tool {tool!r} (it offers: {tools})")
 
 
 class Service:
@@ -82,13 +57,13 @@ class Service:
         self.metrics.limit_gauge.set(self.limit.limit)
         self.ops_port: int | None = None
         self._running = False
-        self._steer_wakeup = asyncio.Event()
         self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
         self._stack = AsyncExitStack()
         self._consumer: Consumer | None = None
         self._connection: AbstractRobustConnection | None = None
         self._dispatcher: Dispatcher | None = None
-        self._steering: asyncio.Task[None] | None = None
+        self._steering: Steering | None = None
 
     @property
     def ready(self) -> bool:
@@ -108,7 +83,7 @@ class Service:
     async def _start(self) -> None:
         s = self.settings
         structlog.contextvars.bind_contextvars(worker_id=s.worker.id)
-        check_consumer_timeout(s.sink.timeout_s, s.rabbitmq.consumer_timeout_s, CONFIRM_TIMEOUT_S)
+        check_settings(s)
         if s.worker.ops_port >= 0:
             ops = OpsServer(self.metrics, lambda: self.ready, s.worker.ops_host, s.worker.ops_port)
             await self._stack.enter_async_context(ops)
@@ -116,19 +91,10 @@ class Service:
         client = await self._stack.enter_async_context(make_client(s))
         sink = make_sink(s, client)
         await self._stack.enter_async_context(sink)
-        await preflight_sink(sink, s.sink.tool)
+        await check_sink(sink, s.sink.tool)
         connection = self._connection = await connect(s, wait=True)
         self._stack.push_async_callback(connection.close)
-        if s.rabbitmq.declare:
-            await self.topology.declare(connection)
-        else:
-            await self.topology.check(connection)
-        if s.rabbitmq.management_url is not None:
-            await check_queue_policies(
-                s.rabbitmq.management_url.get_secret_value(),
-                s.rabbitmq.url.get_secret_value(),
-                self.topology,
-            )
+        await prepare_broker(s, self.topology, connection)
         ledger = await self._stack.enter_async_context(open_ledger(s, self.metrics))
         pipeline = Pipeline(sink, s, self.metrics, self.breaker, self.limit, ledger)
         self._dispatcher = Dispatcher(pipeline, self.limit.limit)
@@ -143,7 +109,8 @@ class Service:
         )
         self._stack.push_async_callback(self._consumer.close)
         await self._consumer.start()
-        self._steering = asyncio.create_task(self._steer(self._consumer))
+        self._steering = Steering(self._consumer, self.breaker, s.prefetch, self._steering_crashed)
+        self._steering.start()
         self._running = True
         log.info(
             "worker_started",
@@ -163,7 +130,8 @@ class Service:
         log.debug("concurrency_limit_changed", limit=limit, why=why, unloaded_ms=unloaded_ms)
 
     def _breaker_changed(self, state: State, detail: str) -> None:
-        self._steer_wakeup.set()
+        if self._steering is not None:
+            self._steering.wake()
         self.metrics.breaker_state.set(state.value)
         self.metrics.breaker_transitions.labels(state.name.lower()).inc()
         if state is State.OPEN:
@@ -174,29 +142,12 @@ class Service:
         else:
             log.info("breaker_closed", last_failure=detail)
 
-    async def _steer(self, consumer: Consumer) -> None:
-        """Make the consumer follow the breaker: paused while open, prefetch 1 while probing.
-
-        Closed: `Settings.prefetch` (from the maximum), whatever the adaptive limit is.
-        A lower limit is enforced by the dispatcher's slots; following it with prefetch would
-        re-subscribe the consumer on every change (a `basic.qos` applies to consumers started
-        after it), and each re-subscription costs a round trip and can cause redeliveries.
-        """
-        breaker = self.breaker
-        wakeup = self._steer_wakeup
-        while True:
-            wakeup.clear()  # before looking, so no change is missed
-            state = breaker.state
-            timeout_s: float | None = None
-            if state is State.OPEN:
-                await consumer.pause()
-                timeout_s = breaker.open_remaining_s
-            else:
-                await consumer.resume(1 if state is State.HALF_OPEN else self.settings.prefetch)
-                if not consumer.consuming and not consumer.stopped:
-                    timeout_s = RESUBSCRIBE_EVERY_S  # the subscribe failed: never sit idle
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wakeup.wait(), timeout_s)
+    def _steering_crashed(self, error: BaseException) -> None:
+        # Without steering the consumer would keep taking deliveries while the breaker is
+        # open: not ready at once, and stop (`__aexit__` raises `SteeringCrashed`, exit 70).
+        self._failure = error
+        self._running = False
+        self.stop()
 
     def stop(self) -> None:
         """Ask the worker to shut down; safe to call from a signal handler."""
@@ -213,95 +164,12 @@ class Service:
         if self._consumer is not None:
             await self._consumer.cancel()
         if self._steering is not None:
-            self._steering.cancel()
-            [error] = await asyncio.gather(self._steering, return_exceptions=True)
-            if not isinstance(error, asyncio.CancelledError | None):
-                log.error("steering_failed", error=repr(error))
+            await self._steering.stop()
         requeued = 0
         if self._dispatcher is not None:
             requeued = await self._dispatcher.drain(self.settings.worker.grace_s)
         await self._stack.aclose()
         log.info("worker_stopped", requeued=requeued, **self.metrics.get_insertion_metrics())
-
-
-class MemoryInserter:
-    """ACT-008's in-process use: insert a batch in parallel, one outcome per item."""
-
-    def __init__(self, settings: Settings | None = None, sink: Sink | None = None) -> None:
-        self.settings = settings or Settings()
-        self.metrics = Metrics(self.settings.concurrency)
-        self._sink = sink
-        self._stack = AsyncExitStack()
-        self._pipeline: Pipeline | None = None
-
-    async def __aenter__(self) -> Self:
-        sink = self._sink
-        if sink is None:
-            client = await self._stack.enter_async_context(make_client(self.settings))
-            owned = make_sink(self.settings, client)
-            await self._stack.enter_async_context(owned)
-            sink = owned
-        self._pipeline = Pipeline(sink, self.settings, self.metrics)
-        return self
-
-    async def __aexit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self._stack.aclose()
-
-    async def insert_batch(self, items: Iterable[MemoryItem | Mapping[str, Any]]) -> list[Outcome]:
-        """Store every item, at most `max_concurrent_memory_insertions` at once, in order."""
-        if self._pipeline is None:
-            raise RuntimeError("not open: use `async with MemoryInserter(...)`")
-        pipeline = self._pipeline
-        slots = asyncio.Semaphore(self.settings.concurrency)
-
-        async def insert(raw: MemoryItem | Mapping[str, Any]) -> Outcome:
-            async with slots:
-                try:
-                    item = raw if isinstance(raw, MemoryItem) else item_from_dict(raw)
-                except DecodeError as exc:
-                    return Outcome.invalid(exc.reason, exc.detail)
-                return await pipeline.store_item(
-                    item, item_key(item, self.settings.worker.key_fields)
-                )
-
-        return list(await asyncio.gather(*(insert(i) for i in items)))
-
-    def get_insertion_metrics(self) -> dict[str, Any]:
-        """ACT-008's metrics dict."""
-        return self.metrics.get_insertion_metrics()
-
-    def reset_metrics(self) -> None:
-        """Zero ACT-008's counters."""
-        self.metrics.reset_metrics()
-
-
-async def check(settings: Settings) -> dict[str, str | None]:
-    """Reach the broker and the sink once; map each to None (fine) or what failed."""
-    results: dict[str, str | None] = {}
-    url = settings.rabbitmq.url.get_secret_value()
-    try:
-        connection = await connect(settings, "check", robust=False)
-        await connection.close()
-        results[f"broker {masked(url)}"] = None
-    except BrokerUnavailable as exc:
-        results[f"broker {masked(url)}"] = repr(exc.error)
-    sink_url = str(settings.pools.session_buddy_url)
-    async with make_client(settings) as client, make_sink(settings, client) as sink:
-        try:
-            if isinstance(sink, McpSink):
-                tools = await sink.list_tools()
-                missing = settings.sink.tool not in tools
-                results[f"sink {sink_url}"] = f"no tool {settings.sink.tool!r}" if missing else None
-            else:
-                await client.request("HEAD", sink_url, {})
-                results[f"sink {sink_url}"] = None
-        except (TransportError, SinkConfigError) as exc:
-            results[f"sink {sink_url}"] = repr(exc)
-    if settings.ledger.url is not None:
-        redis_url = settings.ledger.url.get_secret_value()
-        # A ledger call normally gets ledger.timeout_s; a one-off check can wait a little longer.
-        problem = await ledger_ping(redis_url, max(1.0, settings.ledger.timeout_s))
-        results[f"ledger {masked(redis_url)}"] = problem
-    return results
+        failure = self._failure
+        if failure is not None and e is None:
+            raise SteeringCrashed(f"the steering loop crashed: {failure!r}") from failure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -11,11 +12,11 @@ from prometheus_client import generate_latest
 
 import worker.metrics
 from tests.unit.fakes import FakeSink, until
+from worker.inserter import MemoryInserter
 from worker.metrics import Metrics
 from worker.models import MemoryItem
 from worker.outcome import Kind, Outcome, Reason
-from worker.service import MemoryInserter
-from worker.settings import Settings
+from worker.settings import CONFIG_ENV, Settings, SettingsError
 from worker.testing.items import valid_item
 
 ACT008_KEYS = {
@@ -253,3 +254,14 @@ async def test_inserter_used_before_opening_is_a_clear_error() -> None:
     inserter = MemoryInserter(make_settings(), sink=FakeSink())
     with pytest.raises(RuntimeError, match="async with MemoryInserter"):
         await inserter.insert_batch([valid_item("early")])
+
+
+def test_inserter_without_settings_loads_them_like_the_worker(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No settings given: `load_settings()` runs (env read, config files checked)."""
+    monkeypatch.setenv("MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS", "7")
+    assert MemoryInserter().settings.concurrency == 7
+    monkeypatch.setenv(CONFIG_ENV, str(tmp_path / "missing.yaml"))
+    with pytest.raises(SettingsError, match="not found"):
+        MemoryInserter()

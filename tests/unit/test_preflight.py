@@ -11,15 +11,16 @@ import pytest
 from structlog.testing import capture_logs
 
 from worker.broker import CONFIRM_TIMEOUT_S
-from worker.settings import Settings
-from worker.topology import (
-    Topology,
-    TopologyError,
+from worker.preflight import (
     check_consumer_timeout,
     check_queue_policies,
+    check_settings,
     management_queue_url,
+    prepare_broker,
     queue_problems,
 )
+from worker.settings import Settings
+from worker.topology import Topology, TopologyError
 
 
 @pytest.mark.parametrize(
@@ -244,3 +245,34 @@ async def test_check_queue_policies_only_warns_when_the_api_does_not_answer() ->
     assert failing["log_level"] == "warning" and failing["status"] == 503
     for entry in logs:
         assert entry["url"] == "http://m:***@mq:15672" and "pw" not in str(entry)
+
+
+def test_check_settings_refuses_a_sink_timeout_beyond_the_consumer_timeout() -> None:
+    """The service's first preflight step reads both timeouts from the settings."""
+    check_settings(Settings())
+    with pytest.raises(TopologyError, match="MAHAVISHNU_SINK__TIMEOUT_S"):
+        check_settings(Settings(sink={"timeout_s": 1000}))
+
+
+class RecordingTopology:
+    """Records which of declare/check ran; the real one needs a broker."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def declare(self, connection: object) -> None:
+        """Record a declaration."""
+        self.calls.append("declare")
+
+    async def check(self, connection: object) -> None:
+        """Record a passive check."""
+        self.calls.append("check")
+
+
+@pytest.mark.parametrize(("declare", "expected"), [(True, ["declare"]), (False, ["check"])])
+async def test_prepare_broker_declares_or_only_checks(declare: bool, expected: list[str]) -> None:
+    """`rabbitmq.declare` chooses between declaring the topology and checking it exists."""
+    topo = RecordingTopology()
+    settings = Settings(rabbitmq={"declare": declare})
+    await prepare_broker(settings, topo, connection=None)
+    assert topo.calls == expected

@@ -10,10 +10,11 @@ from worker import __version__
 from worker.broker import BrokerRefused, BrokerUnavailable
 from worker.cli import check, demo, dlq, publish, run
 from worker.cli.common import settings_from_args
-from worker.exitcodes import EXIT_CONFIG, EXIT_FORCED, EXIT_UNAVAILABLE
+from worker.exitcodes import EXIT_CONFIG, EXIT_FORCED, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from worker.logs import configure_logging
 from worker.settings import SettingsError
 from worker.sink import SinkConfigError
+from worker.steering import SteeringCrashed
 from worker.topology import TopologyError
 
 
@@ -46,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(exc, EXIT_CONFIG)
     except BrokerUnavailable as exc:
         return _fail(exc, EXIT_UNAVAILABLE)
+    except SteeringCrashed as exc:
+        return _fail(exc, EXIT_SOFTWARE)
     except KeyboardInterrupt:
         return EXIT_FORCED
     return code

@@ -6,8 +6,8 @@ import argparse
 
 from worker.cli.common import Subparsers, add_settings_flags
 from worker.exitcodes import EXIT_FAILED, EXIT_OK
+from worker.preflight import check
 from worker.runner import run as run_async
-from worker.service import check
 from worker.settings import Settings
 
 
