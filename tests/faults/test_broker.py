@@ -181,7 +181,8 @@ async def test_broker_restart_mid_run_loses_nothing(node, make_settings, connect
 
 async def test_close_all_connections_five_times_loses_nothing(node, make_settings, connection):
     """close_all_connections 5 times mid-run: reconnects each time, late acks logged, none lost."""
-    published, closes = 400, 5
+    # Enough work to outlast five closes (each takes rabbitmqctl 1-3 s) at 100 stores a second.
+    published, closes = 2_000, 5
     async with StandIn(StandInConfig(latency_s=0.1)) as sb:
         settings = worker_settings(make_settings, node, sb)
         await publish_items(connection, settings, published)
