@@ -15,11 +15,12 @@ from typing import Any, Self
 from worker.keys import item_key
 from worker.mcp import make_sink
 from worker.metrics import Metrics
-from worker.models import DecodeError, MemoryItem, item_from_dict
+from worker.models import MemoryItem, item_from_dict
 from worker.outcome import Outcome
 from worker.pipeline import Pipeline
 from worker.settings import Settings, load_settings
 from worker.sink import Sink
+from worker.strict_json import DecodeError
 from worker.transport import make_client
 
 

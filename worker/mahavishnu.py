@@ -23,10 +23,10 @@ from typing import Any
 
 import structlog
 
-from worker.models import DecodeError
 from worker.outcome import Reason
 from worker.pools import PoolManager, SyncReport, collect_and_publish
 from worker.publisher import Publisher
+from worker.strict_json import DecodeError
 
 log = structlog.get_logger("worker.mahavishnu")
 

@@ -21,10 +21,11 @@ from worker.keys import key_of
 from worker.ledger import Claim, Ledger, NoLedger, RecentKeys, Status
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
-from worker.models import DecodeError, MemoryItem, decode_item, idempotency_key
+from worker.models import MemoryItem, decode_item, idempotency_key
 from worker.outcome import Action, Decision, Kind, Outcome, RetryPolicy, classify
 from worker.settings import Settings
 from worker.sink import Sink, StoreRequest
+from worker.strict_json import DecodeError
 from worker.summary import requests_for
 
 log = structlog.get_logger("worker.pipeline")

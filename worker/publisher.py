@@ -43,10 +43,11 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishErr
 
 from worker.broker import CONFIRM_TIMEOUT_S, connect
 from worker.keys import DEFAULT_KEY_FIELDS, item_key
-from worker.models import DecodeError, MemoryItem, encode_item, item_from_dict
+from worker.models import MemoryItem, encode_item, item_from_dict
 from worker.outcome import Reason
 from worker.sections import BlankContent
 from worker.settings import Settings
+from worker.strict_json import DecodeError
 from worker.summary import BLANK_DETAIL, is_blank
 from worker.topology import Topology, TopologyError
 

@@ -23,7 +23,7 @@ from tests.integration.helpers import depth, item, take_all, worker_env
 from worker.broker import BrokerUnavailable
 from worker.exitcodes import EXIT_DATAERR, EXIT_UNAVAILABLE
 from worker.keys import item_key
-from worker.models import DecodeError, item_from_dict
+from worker.models import item_from_dict
 from worker.publisher import (
     BlockingPublisher,
     ConnectionLost,
@@ -35,6 +35,7 @@ from worker.publisher import (
     publish_items_sync,
 )
 from worker.settings import Settings
+from worker.strict_json import DecodeError
 from worker.topology import Topology, TopologyError
 
 pytestmark = pytest.mark.integration

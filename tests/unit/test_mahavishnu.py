@@ -16,8 +16,9 @@ from tests.fixtures.mahavishnu_0_36 import (
     reflection_row,
 )
 from worker.mahavishnu import H_OUTBOX_ERROR, make_outbox_sink, row_item, sync_every
-from worker.models import DecodeError, MemoryItem
+from worker.models import MemoryItem
 from worker.publisher import BatchResult, ConnectionLost, Publisher, PublishResult
+from worker.strict_json import DecodeError
 
 
 class StubPublisher:

@@ -17,19 +17,16 @@ from typing import Any
 import orjson
 import pytest
 
-import worker.models
+import worker.strict_json
 from worker.models import (
-    DecodeError,
     MemoryItem,
-    _check_depth,
-    _parse_json,
-    _parse_strict,
     decode_item,
     encode_item,
     idempotency_key,
     item_from_dict,
 )
 from worker.outcome import Reason
+from worker.strict_json import DecodeError, _check_depth, _parse_json, _parse_strict
 from worker.testing.items import valid_item
 
 JSON = "application/json"
@@ -549,7 +546,7 @@ def test_typical_bodies_take_the_fast_path(raw: bytes, monkeypatch: pytest.Monke
     def fail(text: str) -> object:
         raise AssertionError("strict parser called")
 
-    monkeypatch.setattr(worker.models, "_parse_strict", fail)
+    monkeypatch.setattr(worker.strict_json, "_parse_strict", fail)
     assert decode_item(raw, JSON) == expected
 
 

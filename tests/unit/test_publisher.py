@@ -11,7 +11,7 @@ import pytest
 
 from tests.unit.fakes import until
 from worker.keys import item_key
-from worker.models import DecodeError, MemoryItem
+from worker.models import MemoryItem
 from worker.outcome import Reason
 from worker.publisher import (
     BatchFailed,
@@ -22,6 +22,7 @@ from worker.publisher import (
     PublishResult,
 )
 from worker.settings import Settings
+from worker.strict_json import DecodeError
 from worker.testing.items import valid_item
 from worker.topology import Tier, Topology
 

@@ -23,10 +23,11 @@ from worker.cli.common import (
     run_tool,
 )
 from worker.exitcodes import EXIT_DATAERR, EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from worker.models import DecodeError, MemoryItem, decode_item, too_large
+from worker.models import MemoryItem, decode_item, too_large
 from worker.outcome import Reason
 from worker.publisher import PublishResult, open_publisher
 from worker.settings import Settings
+from worker.strict_json import DecodeError
 from worker.summary import blank_refusal
 
 SHOWN_ERRORS = 20
