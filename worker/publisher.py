@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
     Callable,
-    Coroutine,
     Iterable,
     Mapping,
     Sequence,
 )
-from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import aio_pika
 import aiormq
@@ -42,6 +39,15 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
 from worker.broker import CONFIRM_TIMEOUT_S, connect
+from worker.confirms import (
+    BatchFailed,
+    BatchResult,
+    ConnectionLost,
+    PublishFailed,
+    PublishResult,
+    Refused,
+    Unroutable,
+)
 from worker.keys import DEFAULT_KEY_FIELDS, item_key
 from worker.models import MemoryItem, encode_item, item_from_dict
 from worker.outcome import Reason
@@ -51,73 +57,24 @@ from worker.strict_json import DecodeError
 from worker.summary import BLANK_DETAIL, is_blank
 from worker.topology import Topology, TopologyError
 
+# The library API: the publisher and everything a publish can end as (defined in confirms).
+__all__ = [
+    "MAX_OUTSTANDING",
+    "BatchFailed",
+    "BatchResult",
+    "ConnectionLost",
+    "ItemLike",
+    "PublishFailed",
+    "PublishResult",
+    "Publisher",
+    "Refused",
+    "Unroutable",
+    "open_publisher",
+]
+
 MAX_OUTSTANDING = 256
 
 ItemLike = MemoryItem | Mapping[str, Any]
-T = TypeVar("T")
-
-
-class PublishFailed(Exception):
-    """The broker did not confirm a publish."""
-
-
-class Unroutable(PublishFailed):
-    """The broker returned a mandatory publish: no queue is bound for its routing key."""
-
-
-class Refused(PublishFailed):
-    """The broker nacked the publish."""
-
-
-class ConnectionLost(PublishFailed):
-    """The channel or connection closed before the broker confirmed."""
-
-
-@dataclass(frozen=True, slots=True)
-class PublishResult:
-    """What happened to one item of a batch: its message id, or why it was not confirmed."""
-
-    index: int
-    message_id: str | None
-    error: DecodeError | PublishFailed | None = None
-
-    @property
-    def ok(self) -> bool:
-        """Whether the broker confirmed this item."""
-        return self.error is None
-
-
-class BatchFailed(PublishFailed):
-    """Some items of a batch were not confirmed."""
-
-    def __init__(self, failures: list[PublishResult]) -> None:
-        self.failures = failures
-        shown = ", ".join(f"#{f.index}: {f.error}" for f in failures[:3])
-        more = f" and {len(failures) - 3} more" if len(failures) > 3 else ""
-        super().__init__(f"{len(failures)} item(s) not confirmed ({shown}{more})")
-
-
-@dataclass(frozen=True, slots=True)
-class BatchResult:
-    """Per-item results of `publish_many`, in input order."""
-
-    results: tuple[PublishResult, ...]
-
-    @property
-    def published(self) -> int:
-        """How many items the broker confirmed."""
-        return sum(1 for r in self.results if r.ok)
-
-    @property
-    def failures(self) -> list[PublishResult]:
-        """The items that were not confirmed."""
-        return [r for r in self.results if not r.ok]
-
-    def raise_for_failures(self) -> None:
-        """Raise `BatchFailed` naming the failed items, if there are any."""
-        failures = self.failures
-        if failures:
-            raise BatchFailed(failures)
 
 
 class Publisher:
@@ -311,71 +268,3 @@ async def open_publisher(
         ) as publisher,
     ):
         yield publisher
-
-
-class BlockingPublisher:
-    """A `Publisher` for code that is not async: its own event loop runs in a background thread."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._stack = AsyncExitStack()
-        self._publisher: Publisher | None = None
-
-    def __enter__(self) -> Self:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(
-            target=loop.run_forever, name="memory-worker-publisher", daemon=True
-        )
-        self._thread.start()
-        try:
-            opened = self._stack.enter_async_context(open_publisher(self._settings))
-            self._publisher = self._call(opened)
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def publish_item(self, item: ItemLike) -> str:
-        """Validate and publish one item; returns its message id once confirmed."""
-        if self._publisher is None:
-            raise RuntimeError("not open: use `with BlockingPublisher(...)`")
-        return self._call(self._publisher.publish_item(item))
-
-    def publish_many(
-        self, items: Iterable[ItemLike], *, max_outstanding: int = MAX_OUTSTANDING
-    ) -> BatchResult:
-        """Publish every item with at most `max_outstanding` confirms pending."""
-        if self._publisher is None:
-            raise RuntimeError("not open: use `with BlockingPublisher(...)`")
-        return self._call(self._publisher.publish_many(items, max_outstanding=max_outstanding))
-
-    def close(self) -> None:
-        """Close the channel and connection, then stop the loop thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        try:
-            self._call(self._stack.aclose())
-        finally:
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
-            self._loop = self._thread = self._publisher = None
-
-    def _call(self, coro: Coroutine[Any, Any, T]) -> T:
-        assert self._loop is not None
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-
-
-def publish_items_sync(items: Iterable[ItemLike], settings: Settings) -> BatchResult:
-    """Publish items from code that is not async; returns per-item results."""
-    with BlockingPublisher(settings) as publisher:
-        return publisher.publish_many(items)

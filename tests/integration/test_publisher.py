@@ -24,15 +24,14 @@ from worker.broker import BrokerUnavailable
 from worker.exitcodes import EXIT_DATAERR, EXIT_UNAVAILABLE
 from worker.keys import item_key
 from worker.models import item_from_dict
+from worker.publish_sync import BlockingPublisher, publish_items_sync
 from worker.publisher import (
-    BlockingPublisher,
     ConnectionLost,
     Publisher,
     PublishResult,
     Refused,
     Unroutable,
     open_publisher,
-    publish_items_sync,
 )
 from worker.settings import Settings
 from worker.strict_json import DecodeError

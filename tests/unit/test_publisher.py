@@ -13,10 +13,10 @@ from tests.unit.fakes import until
 from worker.keys import item_key
 from worker.models import MemoryItem
 from worker.outcome import Reason
+from worker.publish_sync import BlockingPublisher
 from worker.publisher import (
     BatchFailed,
     BatchResult,
-    BlockingPublisher,
     ConnectionLost,
     Publisher,
     PublishResult,
