@@ -8,7 +8,7 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
-from worker.testing import protocol as p
+import worker.testing.protocol as p
 from worker.testing.config import StandInConfig, StandInStats
 
 

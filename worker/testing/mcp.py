@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from worker.testing import protocol as p
+import worker.testing.protocol as p
 
 Outcome = p.Payload | web.StreamResponse
 

@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from worker.testing import protocol as p
+import worker.testing.protocol as p
 from worker.testing.config import OnStore, StandInConfig, StandInStats, StoreCall
 from worker.testing.control import Control
 from worker.testing.faults import Faults
