@@ -40,8 +40,8 @@ def test_no_import_cycles() -> None:
     modules = _modules()
     graph = {name: _imports(name, path, modules) for name, path in modules.items()}
     in_cycle = []
-    for start in graph:
-        seen, todo = set(), list(graph[start])
+    for start, edges in graph.items():
+        seen, todo = set(), list(edges)
         while todo:
             current = todo.pop()
             if current == start:
