@@ -9,14 +9,16 @@ reports instead of raising, for the `check` command.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote, unquote, urlparse
 
+import aiormq
 import httpx
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
-from worker.broker import CONFIRM_TIMEOUT_S, BrokerUnavailable, connect, masked
+from worker.broker import CONFIRM_TIMEOUT_S, BrokerRefused, BrokerUnavailable, connect, masked
+from worker.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from worker.ledger import ping as ledger_ping
 from worker.mcp import McpSink, make_sink
 from worker.settings import Settings
@@ -196,31 +198,91 @@ async def check_queue_policies(
         )
 
 
-async def check(settings: Settings) -> dict[str, str | None]:
-    """Reach the broker, the sink and (with `ledger.url`) Redis once; None (fine) or what failed."""
-    results: dict[str, str | None] = {}
-    url = settings.rabbitmq.url.get_secret_value()
+class Finding(NamedTuple):
+    """One line of `check`: what was checked, None when fine or what is wrong, the exit code."""
+
+    name: str
+    problem: str | None
+    code: int = EXIT_OK
+
+
+async def check(settings: Settings) -> list[Finding]:
+    """`run`'s preflight without consuming or changing anything, one finding per part."""
+    s, mq = settings, settings.rabbitmq
+    url = mq.url.get_secret_value()
+    files = ", ".join(s.files) or "none (defaults and environment)"
+    about = f"files {files}; concurrency {s.concurrency}, prefetch {s.prefetch}"
     try:
-        connection = await connect(settings, "check", robust=False)
-        await connection.close()
-        results[f"broker {masked(url)}"] = None
+        check_settings(s)
+        found = [Finding(f"settings ({about})", None)]
+    except TopologyError as exc:
+        found = [Finding(f"settings ({about})", str(exc), EXIT_CONFIG)]
+    try:
+        connection = await connect(s, "check", robust=False)
+    except BrokerRefused as exc:
+        found.append(Finding(f"broker {masked(url)}", str(exc), EXIT_CONFIG))
     except BrokerUnavailable as exc:
-        results[f"broker {masked(url)}"] = repr(exc.error)
+        found.append(Finding(f"broker {masked(url)}", f"no broker: {exc.error}", EXIT_UNAVAILABLE))
+    else:
+        found.append(Finding(f"broker {masked(url)}", None))
+        async with connection:
+            found.append(await _check_topology(s, Topology.from_settings(s), connection))
+    found.append(await _check_sink(s))
+    if s.ledger.url is not None:
+        redis_url = s.ledger.url.get_secret_value()
+        # A ledger call normally gets ledger.timeout_s; a one-off check can wait a little longer.
+        problem = await ledger_ping(redis_url, max(1.0, s.ledger.timeout_s))
+        found.append(Finding(f"ledger {masked(redis_url)}", problem, EXIT_FAILED))
+    return found
+
+
+async def _check_topology(
+    settings: Settings, topology: Topology, connection: AbstractConnection
+) -> Finding:
+    """Each queue passively; an existing one declared as `run` would (which changes nothing
+    unless its arguments differ: then the broker refuses, as it would refuse `run`)."""
+    name = f"queues of exchange {topology.exchange!r}"
+    missing = []
+    queues = [
+        (topology.dead_letter_queue, topology.dead_letter_queue_arguments()),
+        (topology.queue, topology.work_queue_arguments()),
+        *((tier.queue, topology.tier_arguments(tier)) for tier in topology.tiers),
+    ]
+    try:
+        for queue, arguments in queues:
+            try:
+                async with connection.channel() as channel:
+                    await channel.declare_queue(queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                missing.append(queue)
+                continue
+            await topology.declare_queue(connection, queue, arguments)
+        mq = settings.rabbitmq
+        if mq.management_url is not None:
+            await check_queue_policies(
+                mq.management_url.get_secret_value(), mq.url.get_secret_value(), topology
+            )
+    except TopologyError as exc:
+        return Finding(name, str(exc), EXIT_CONFIG)
+    if missing and not settings.rabbitmq.declare:
+        problem = f"missing (rabbitmq.declare is off): {', '.join(missing)}"
+        return Finding(name, problem, EXIT_CONFIG)
+    note = f" ({len(missing)} to be declared by run)" if missing else ""
+    return Finding(name + note, None)
+
+
+async def _check_sink(settings: Settings) -> Finding:
+    """Session-Buddy answers and has the tool (an HTTP sink: answers at all)."""
     sink_url = str(settings.pools.session_buddy_url)
     async with make_client(settings) as client, make_sink(settings, client) as sink:
         try:
             if isinstance(sink, McpSink):
                 tools = await sink.list_tools()
-                missing = settings.sink.tool not in tools
-                results[f"sink {sink_url}"] = f"no tool {settings.sink.tool!r}" if missing else None
+                if settings.sink.tool not in tools:
+                    missing = f"Session-Buddy lacks the tool {settings.sink.tool!r} ({tools})"
+                    return Finding(f"sink {sink_url}", missing, EXIT_CONFIG)
             else:
                 await client.request("HEAD", sink_url, {})
-                results[f"sink {sink_url}"] = None
         except (TransportError, SinkConfigError) as exc:
-            results[f"sink {sink_url}"] = repr(exc)
-    if settings.ledger.url is not None:
-        redis_url = settings.ledger.url.get_secret_value()
-        # A ledger call normally gets ledger.timeout_s; a one-off check can wait a little longer.
-        problem = await ledger_ping(redis_url, max(1.0, settings.ledger.timeout_s))
-        results[f"ledger {masked(redis_url)}"] = problem
-    return results
+            return Finding(f"sink {sink_url}", str(exc), EXIT_FAILED)
+    return Finding(f"sink {sink_url}", None)

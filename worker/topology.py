@@ -15,7 +15,12 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractRobustConnection,
+)
 
 from worker.settings import Settings
 
@@ -111,17 +116,20 @@ class Topology:
             work = await _exchange(channel, self.exchange)
             retry = await _exchange(channel, self.retry_exchange)
             dlx = await _exchange(channel, self.dead_letter_exchange)
-        await self._queue(connection, self.dead_letter_queue, self.dead_letter_queue_arguments())
+        await self.declare_queue(
+            connection, self.dead_letter_queue, self.dead_letter_queue_arguments()
+        )
         await self._bind(connection, self.dead_letter_queue, dlx.name, self.dead_letter_queue)
-        await self._queue(connection, self.queue, self.work_queue_arguments())
+        await self.declare_queue(connection, self.queue, self.work_queue_arguments())
         await self._bind(connection, self.queue, work.name, self.queue)
         for tier in self.tiers:
-            await self._queue(connection, tier.queue, self.tier_arguments(tier))
+            await self.declare_queue(connection, tier.queue, self.tier_arguments(tier))
             await self._bind(connection, tier.queue, retry.name, tier.queue)
 
-    async def _queue(
-        self, connection: AbstractRobustConnection, name: str, arguments: dict[str, Any]
+    async def declare_queue(
+        self, connection: AbstractConnection, name: str, arguments: dict[str, Any]
     ) -> None:
+        """Declare one queue durable with `arguments`; `TopologyError` if it exists otherwise."""
         try:
             async with connection.channel() as channel:
                 await channel.declare_queue(name, durable=True, arguments=arguments)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
+import aiormq
 import pytest
 
 from tests.integration.helpers import worker_env
@@ -94,3 +95,25 @@ async def test_startup_wait_is_waited_out_in_full(make_settings):
     code, stderr, took_s = await _run(env)
     assert code == 69, stderr
     assert took_s >= 3.0
+
+
+async def test_check_is_a_dry_run_of_run(make_settings, connection):
+    """`check` refuses what `run` refuses, with run's exit code, and changes nothing: an
+    over-long timeout is 78, a queue with other arguments is 78, a missing tool is 78."""
+    async with StandIn() as sb:
+        settings = make_settings(pools={"session_buddy_url": sb.url})
+        env = worker_env(settings)
+        code, out = await _check({**env, "MAHAVISHNU_SINK__TIMEOUT_S": "1000"})
+        assert code == 78 and "sink.timeout_s" in out
+        code, out = await _check({**env, "MAHAVISHNU_SINK__TOOL": "no_such_tool"})
+        assert code == 78 and "lacks the tool 'no_such_tool'" in out
+        code, out = await _check(env)
+        assert code == 0 and "to be declared by run" in out
+        async with connection.channel() as channel:
+            await channel.declare_queue(settings.rabbitmq.queue, durable=True)  # classic
+        code, out = await _check(env)
+        assert code == 78 and "already exists with other arguments" in out
+    # Only the queue made above exists: check declared nothing of its own.
+    with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
+        async with connection.channel() as channel:
+            await channel.declare_queue(settings.rabbitmq.dead_letter_queue, passive=True)

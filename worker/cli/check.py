@@ -1,11 +1,11 @@
-"""`memory-worker check`: reach the broker, Session-Buddy and the ledger; print one line each."""
+"""`memory-worker check`: `run`'s preflight as a dry run; one line per part, `run`'s exit code."""
 
 from __future__ import annotations
 
 import argparse
 
 from worker.cli.common import Subparsers, add_settings_flags
-from worker.exitcodes import EXIT_FAILED, EXIT_OK
+from worker.exitcodes import EXIT_OK
 from worker.preflight import check
 from worker.runner import run as run_async
 from worker.settings import Settings
@@ -24,12 +24,13 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_check(args: argparse.Namespace, settings: Settings) -> int:
-    """Reach the broker and Session-Buddy; exit 0 when both answer."""
+    """Check what `run` would check, change nothing; exit 0 when `run` would start."""
     return run_async(_check(settings))
 
 
 async def _check(settings: Settings) -> int:
-    problems = await check(settings)
-    for name, problem in problems.items():
+    findings = await check(settings)
+    for name, problem, _ in findings:
         print(f"{name}: {'ok' if problem is None else 'FAILED: ' + problem}")
-    return EXIT_OK if all(p is None for p in problems.values()) else EXIT_FAILED
+    # The exit code `run` would end with: the first failure's (78 settings, 69 no broker, ...).
+    return next((f.code for f in findings if f.problem is not None), EXIT_OK)
