@@ -173,7 +173,7 @@ class BrokerNode:
         base = self._dir
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
         if self.install.erlang_bin is not None:
-            # Every path of the node set here, nothing inherited: the design note's list.
+            # Nothing of the machine's Erlang or broker: no inherited flags, every path set here.
             for name in ("ERL_FLAGS", "ERL_AFLAGS", "ERL_ZFLAGS", "ERL_LIBS"):
                 env.pop(name, None)
             env["PATH"] = f"{self.install.erlang_bin}{os.pathsep}{env.get('PATH', '')}"
