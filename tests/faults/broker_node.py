@@ -2,7 +2,13 @@
 
 The shared broker on 5672 must never be stopped, so these tests start a node of their own on
 free ports, with every file in a temporary folder and its Erlang cookie in a temporary HOME.
-It shares epmd with any other node on the machine and boots in about 10 s (more on a busy one).
+A node of the installed RabbitMQ shares epmd with any other node on the machine and boots in
+about 10 s (more on a busy one).
+
+With `MEMORY_WORKER_TEST_RABBITMQ=4.3` the node runs RabbitMQ 4.3 from the tree that
+`tests/rabbitmq4/prepare.sh` unpacks (Debian sid's packages, OTP 29, in a cache directory):
+its Erlang goes first on PATH, and it runs an epmd of its own on a port of its own, so
+nothing of the shared broker's (its epmd, /etc/rabbitmq) is used.
 
 The node is tied to the test process twice: `stop()` runs `rabbitmqctl stop` and kills what is
 left, and on Linux the start script gets SIGTERM if the test process dies without cleaning up
@@ -23,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -34,6 +41,13 @@ CTL_TIMEOUT_S = 60.0
 # Where distribution packages put the real scripts; /usr/sbin holds Debian's wrapper, which
 # switches to the `rabbitmq` user and that user's cookie.
 SCRIPT_DIRS = ("/usr/lib/rabbitmq/bin", "/usr/local/sbin", "/opt/homebrew/sbin", "/usr/sbin")
+#: Which RabbitMQ the tests run on: unset or empty for the installed one, "4.3" for the tree
+#: `tests/rabbitmq4/prepare.sh` prepares (the integration suite then starts a node of it).
+VERSION_ENV = "MEMORY_WORKER_TEST_RABBITMQ"
+PREPARED_VERSIONS = ("4.3",)
+#: Where prepare.sh unpacks RabbitMQ 4.3 (its own default; the same variable overrides both).
+PREPARED_DIR_ENV = "MEMORY_WORKER_RABBITMQ4_DIR"
+PREPARE_SCRIPT = "tests/rabbitmq4/prepare.sh"
 
 
 class BrokerNodeError(Exception):
@@ -58,6 +72,57 @@ def server_script() -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class Install:
+    """A RabbitMQ to start nodes from: its scripts, and the Erlang they need if not the system's."""
+
+    version: str
+    server: Path
+    #: A prepared tree's Erlang bin folder: first on PATH (its escripts and `erl` are found
+    #: there); such a node also gets an epmd of its own.
+    erlang_bin: Path | None = None
+
+    @property
+    def ctl(self) -> Path:
+        """The `rabbitmqctl` script beside the server script."""
+        return self.server.with_name("rabbitmqctl")
+
+    @property
+    def epmd(self) -> Path | None:
+        """The epmd a node of this tree runs privately, or None to share the machine's."""
+        return None if self.erlang_bin is None else self.erlang_bin / "epmd"
+
+
+def prepared_dir() -> Path:
+    """Where prepare.sh puts RabbitMQ 4.3 ($MEMORY_WORKER_RABBITMQ4_DIR or its default)."""
+    default = Path.home() / ".cache" / "memory-worker" / "rabbitmq-4.3"
+    return Path(os.environ.get(PREPARED_DIR_ENV) or default)
+
+
+def selected_version() -> str:
+    """The RabbitMQ version asked for with $MEMORY_WORKER_TEST_RABBITMQ ("" when installed)."""
+    version = os.environ.get(VERSION_ENV, "").strip()
+    if version and version not in PREPARED_VERSIONS:
+        raise BrokerNodeError(f"{VERSION_ENV}={version}: only {PREPARED_VERSIONS} are known")
+    return version
+
+
+def find_install(version: str | None = None) -> Install:
+    """The installed RabbitMQ, or a prepared one; raise with what to do when it is missing."""
+    version = selected_version() if version is None else version
+    if not version:
+        script = server_script()
+        if script is None:
+            raise BrokerNodeError("RabbitMQ is not installed: no rabbitmq-server script found")
+        return Install("installed", script)
+    root = prepared_dir()
+    stamp = root / "prepared"
+    if not stamp.exists() or not stamp.read_text().startswith(version):
+        raise BrokerNodeError(f"RabbitMQ {version} is not prepared in {root}: run {PREPARE_SCRIPT}")
+    tree = root / "root" / "usr" / "lib"
+    return Install(version, tree / "rabbitmq" / "bin" / "rabbitmq-server", tree / "erlang" / "bin")
+
+
 def _die_with_parent() -> None:
     """In the child before exec: receive SIGTERM when the test process dies."""
     PR_SET_PDEATHSIG = 1
@@ -72,15 +137,20 @@ class BrokerNode:
     `start_app` and `close_all_connections` from tests.
     """
 
-    def __init__(self, consumer_timeout_ms: int | None = None, management: bool = False) -> None:
-        script = server_script()
-        if script is None:
-            raise BrokerNodeError("RabbitMQ is not installed: no rabbitmq-server script found")
-        self.server = script
-        self.ctl_path = script.with_name("rabbitmqctl")
+    def __init__(
+        self,
+        consumer_timeout_ms: int | None = None,
+        management: bool = False,
+        install: Install | None = None,
+    ) -> None:
+        self.install = install or find_install()
+        self.server = self.install.server
+        self.ctl_path = self.install.ctl
         self.name = ""
         self.port = 0
         self.dist_port = 0
+        self.epmd_port = 0
+        self._epmd: subprocess.Popen[bytes] | None = None
         self.app_running = False
         self._consumer_timeout_ms = consumer_timeout_ms
         self._management = management
@@ -102,6 +172,21 @@ class BrokerNode:
         assert self._dir is not None
         base = self._dir
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITMQ_")}
+        if self.install.erlang_bin is not None:
+            # Nothing of the machine's Erlang or broker: no inherited flags, every path set here.
+            for name in ("ERL_FLAGS", "ERL_AFLAGS", "ERL_ZFLAGS", "ERL_LIBS"):
+                env.pop(name, None)
+            env["PATH"] = f"{self.install.erlang_bin}{os.pathsep}{env.get('PATH', '')}"
+            env.update(
+                {
+                    "ERL_EPMD_PORT": str(self.epmd_port),
+                    "ERL_EPMD_ADDRESS": "127.0.0.1",
+                    "RABBITMQ_SERVER_START_ARGS": "-start_epmd false",
+                    "RABBITMQ_MNESIA_DIR": str(base / "mnesia" / self.name),
+                    "RABBITMQ_ADVANCED_CONFIG_FILE": str(base / "advanced.config"),
+                    "RABBITMQ_PLUGINS_EXPAND_DIR": str(base / "plugins-expand"),
+                }
+            )
         env.update(
             {
                 "HOME": str(base),
@@ -148,6 +233,7 @@ class BrokerNode:
         self.port, self.dist_port = free_port(), free_port()
         self.management_port = free_port() if self._management else 0
         self._write_files(self._dir)
+        self._start_epmd()
         output = (self._dir / "server.out").open("wb")
         with output:
             self._process = subprocess.Popen(
@@ -162,6 +248,29 @@ class BrokerNode:
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
         self._await_startup()
+
+    def _start_epmd(self) -> None:
+        """A prepared tree's node gets an epmd of its own, stopped with the node."""
+        if self.install.epmd is None:
+            return
+        assert self._dir is not None
+        self.epmd_port = free_port()
+        with (self._dir / "epmd.out").open("wb") as output:
+            self._epmd = subprocess.Popen(
+                [str(self.install.epmd), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
+                env=self._env(),
+                cwd=self._dir,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            )
+        deadline = time.monotonic() + 10
+        while not _listens(self.epmd_port):
+            if self._epmd.poll() is not None or time.monotonic() > deadline:
+                raise NodeExited(f"epmd on port {self.epmd_port} did not start")
+            time.sleep(0.05)
 
     def _await_startup(self) -> None:
         assert self._process is not None
@@ -189,9 +298,7 @@ class BrokerNode:
             time.sleep(0.5)
 
     def _accepts_amqp(self) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 2):
-            return True
-        return False
+        return _listens(self.port)
 
     def _ctl_sync(
         self, *args: str, timeout_s: float = CTL_TIMEOUT_S
@@ -258,7 +365,8 @@ class BrokerNode:
         if self._dir is None:
             return ""
         parts = []
-        for path in [self._dir / "server.out", *sorted((self._dir / "log").glob("*.log"))]:
+        logs = sorted((self._dir / "log").glob("*.log"))
+        for path in [self._dir / "server.out", self._dir / "epmd.out", *logs]:
             with contextlib.suppress(OSError):
                 text = path.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- {path.name} ---\n" + "\n".join(text))
@@ -267,18 +375,24 @@ class BrokerNode:
     def stop(self) -> None:
         """Stop the node (orderly, then by force) and remove its files."""
         process, self._process = self._process, None
+        epmd, self._epmd = self._epmd, None
         try:
             if process is not None and process.poll() is None:
-                self._ctl_sync("stop", timeout_s=STOP_TIMEOUT_S)
-                try:
-                    process.wait(STOP_TIMEOUT_S)
-                except subprocess.TimeoutExpired:
-                    os.killpg(process.pid, signal.SIGKILL)
-                    process.wait(STOP_TIMEOUT_S)
+                assert self._dir is not None
+                # With the pid file, `stop` returns once the Erlang VM has exited.
+                self._ctl_sync("stop", str(self._dir / "rabbit.pid"), timeout_s=STOP_TIMEOUT_S)
+                _end(process)
         finally:
+            if epmd is not None:
+                epmd.terminate()
+                _end(epmd)
             if self._dir is not None:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 self._dir = None
+
+    def __repr__(self) -> str:
+        state = "running" if self.app_running else "stopped"
+        return f"<BrokerNode {self.install.version} {self.name} :{self.port} {state}>"
 
     def __enter__(self) -> BrokerNode:
         try:
@@ -292,3 +406,18 @@ class BrokerNode:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _listens(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 2):
+        return True
+    return False
+
+
+def _end(process: subprocess.Popen[bytes]) -> None:
+    """Wait for a process started here; kill its process group (by its PID) if it lingers."""
+    try:
+        process.wait(STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(STOP_TIMEOUT_S)

@@ -9,7 +9,7 @@ from urllib.parse import unquote, urlparse, urlunparse
 
 from aio_pika.abc import AbstractIncomingMessage
 
-from tests.integration.helpers import depth, take_all
+from tests.integration.helpers import depth, rabbitmqctl, take_all
 from worker.headers import H_REASON
 from worker.testing import StandIn
 from worker.topology import Topology
@@ -213,16 +213,6 @@ def via(amqp_url: str, port: int | None = None, query: str = FAST_RECONNECT) -> 
     if port is not None:
         netloc = f"{netloc.rsplit('@', 1)[0]}@127.0.0.1:{port}"
     return urlunparse(parsed._replace(netloc=netloc, query=query))
-
-
-async def rabbitmqctl(*args: str) -> str:
-    """Run `rabbitmqctl -q ARGS` and return its output; fail the test if it fails."""
-    process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", "-q", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 0, err.decode()
-    return out.decode()
 
 
 async def connection_pids(connection_name: str) -> list[str]:

@@ -6,7 +6,6 @@ import asyncio
 import codecs
 import contextlib
 import json
-import shutil
 import signal
 import uuid
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,6 @@ from tests.faults.ledger import (
     broker_address,
     connection_pids,
     drained,
-    rabbitmqctl,
     tally,
     unacked_in_queue,
     vhost,
@@ -32,8 +30,10 @@ from tests.faults.ledger import (
 )
 from tests.integration.helpers import (
     depth,
+    has_rabbitmqctl,
     item,
     publish_items,
+    rabbitmqctl,
     start_worker_process,
     wait_until,
     worker_env,
@@ -85,9 +85,10 @@ async def test_sigkill_in_flight_is_redelivered_to_another_worker(make_settings,
 # --- 2. Broker closes the worker's connection --------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("rabbitmqctl") is None, reason="rabbitmqctl is not on PATH")
 async def test_broker_closes_worker_connection_five_times(make_settings, connection, amqp_url):
     """The broker closes the worker's connection 5 times: it reconnects, stores all, loses none."""
+    if not has_rabbitmqctl():
+        pytest.skip("rabbitmqctl is not on PATH")
     published, closes = 500, 5
     worker_id = f"faults-{uuid.uuid4().hex[:8]}"
     name = f"memory-worker {worker_id}"

@@ -14,12 +14,14 @@ import aio_pika
 import pytest
 from redis.asyncio import Redis
 
-from tests.integration.helpers import kill_leftover_workers
+from tests.integration.helpers import Ctl, kill_leftover_workers, rabbitmqctl_for
 from worker.settings import Settings, load_settings
 from worker.topology import Topology
 
 URL_ENV = "MEMORY_WORKER_TEST_AMQP_URL"
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
+#: The testcontainers image per $MEMORY_WORKER_TEST_RABBITMQ ("" when it is unset).
+IMAGES = {"": "rabbitmq:3.13-management", "4.3": "rabbitmq:4.3-management"}
 REDIS_URL_ENV = "MEMORY_WORKER_TEST_REDIS_URL"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -45,17 +47,36 @@ def _docker_answers() -> bool:
 
 @pytest.fixture(scope="session")
 def amqp_url() -> Iterator[str]:
-    """A broker: $MEMORY_WORKER_TEST_AMQP_URL, else a testcontainer, else localhost:5672."""
+    """A broker: $MEMORY_WORKER_TEST_AMQP_URL, else a testcontainer, else localhost:5672.
+
+    With $MEMORY_WORKER_TEST_RABBITMQ=4.3 the testcontainer runs 4.3, and without Docker the
+    session starts a private 4.3 node (tests/rabbitmq4/prepare.sh must have prepared it)
+    instead of using the machine's broker.
+    """
     explicit = os.environ.get(URL_ENV)
     if explicit:
         yield explicit
         return
+    from tests.faults.broker_node import BrokerNode, BrokerNodeError, find_install, selected_version
+
+    try:
+        version = selected_version()
+    except BrokerNodeError as exc:
+        pytest.fail(str(exc))
     if _docker_answers():
         from testcontainers.rabbitmq import RabbitMqContainer  # noqa: PLC0415 - optional, as docker
 
-        with RabbitMqContainer("rabbitmq:3.13-management") as container:
+        with RabbitMqContainer(IMAGES[version]) as container, rabbitmqctl_for(_exec(container)):
             host, port = container.get_container_host_ip(), container.get_exposed_port(5672)
             yield f"amqp://guest:guest@{host}:{port}/"
+        return
+    if version:
+        try:
+            install = find_install(version)
+        except BrokerNodeError as exc:  # asked for explicitly, so never skipped
+            pytest.fail(str(exc))
+        with BrokerNode(management=True, install=install) as node, rabbitmqctl_for(node.ctl):
+            yield node.amqp_url
         return
     if _answers(LOCAL_URL):
         yield LOCAL_URL
@@ -64,6 +85,19 @@ def amqp_url() -> Iterator[str]:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def _exec(container: Any) -> Ctl:
+    """`rabbitmqctl -q ARGS` run inside a testcontainer."""
+
+    async def ctl(*args: str) -> str:
+        result = await asyncio.to_thread(container.exec, ["rabbitmqctl", "-q", *args])
+        output = result.output.decode(errors="replace")
+        if result.exit_code != 0:
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} failed: {output}")
+        return output
+
+    return ctl
 
 
 @pytest.fixture(autouse=True)

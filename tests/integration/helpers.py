@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
@@ -81,6 +82,47 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     env["MAHAVISHNU_WORKER__LOG_FORMAT"] = "json"
     env.update(extra)
     return env
+
+
+#: Runs `rabbitmqctl -q ARGS` on a broker and returns its output, raising when it fails.
+Ctl = Callable[..., Awaitable[str]]
+
+
+async def installed_rabbitmqctl(*args: str) -> str:
+    """The machine's `rabbitmqctl -q ARGS`, for its own broker."""
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "-q", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    if process.returncode != 0:
+        raise AssertionError(f"rabbitmqctl {' '.join(args)} failed: {err.decode()}")
+    return out.decode()
+
+
+# The broker fixture points this at the session's broker when that is not the machine's own
+# (a private node, a container), so every rabbitmqctl a test runs reaches the broker it tests.
+_ctl: Ctl | None = None
+
+
+@contextlib.contextmanager
+def rabbitmqctl_for(ctl: Ctl) -> Iterator[None]:
+    """While inside, `rabbitmqctl()` runs on another broker (the session's)."""
+    global _ctl
+    previous, _ctl = _ctl, ctl
+    try:
+        yield
+    finally:
+        _ctl = previous
+
+
+def has_rabbitmqctl() -> bool:
+    """Whether `rabbitmqctl()` can reach the broker under test."""
+    return _ctl is not None or shutil.which("rabbitmqctl") is not None
+
+
+async def rabbitmqctl(*args: str) -> str:
+    """Run `rabbitmqctl -q ARGS` on the broker under test; fail the test if it fails."""
+    return await (_ctl or installed_rabbitmqctl)(*args)
 
 
 SPAWNED: list[asyncio.subprocess.Process] = []

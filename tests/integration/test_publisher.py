@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +17,14 @@ import pytest
 from aio_pika.abc import AbstractRobustConnection
 from pydantic import SecretStr
 
-from tests.integration.helpers import depth, item, take_all, worker_env
+from tests.integration.helpers import (
+    depth,
+    has_rabbitmqctl,
+    item,
+    rabbitmqctl,
+    take_all,
+    worker_env,
+)
 from worker.broker import BrokerUnavailable
 from worker.exitcodes import EXIT_DATAERR, EXIT_UNAVAILABLE
 from worker.keys import item_key
@@ -251,7 +256,7 @@ async def _depth_is(connection: AbstractRobustConnection, queue: str, count: int
 
 async def test_broker_closing_the_connection_fails_or_confirms_each_item(make_settings, connection):
     """When the broker closes the publisher's connection, each item is confirmed or failed."""
-    if shutil.which("rabbitmqctl") is None:
+    if not has_rabbitmqctl():
         # A Docker-only developer has no rabbitmqctl; CI machines always do, so there it fails.
         if os.environ.get("CI"):
             pytest.fail("rabbitmqctl is needed to close the publisher's connection")
@@ -266,7 +271,7 @@ async def test_broker_closing_the_connection_fails_or_confirms_each_item(make_se
         async def items() -> AsyncIterator[dict[str, Any]]:
             for n in range(50):
                 yield item(n)
-            await asyncio.to_thread(_close_connection, name)
+            await _close_connection(name)
             await closed.wait()
             for n in range(50, 80):
                 yield item(n)
@@ -279,19 +284,11 @@ async def test_broker_closing_the_connection_fails_or_confirms_each_item(make_se
     assert {r.message_id for r in batch.results if r.ok} <= queued
 
 
-def _close_connection(client_name: str) -> None:
+async def _close_connection(client_name: str) -> None:
     """Close only the broker connection whose client calls itself `client_name`."""
-    listing = subprocess.run(
-        ["rabbitmqctl", "-q", "list_connections", "pid", "client_properties"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    listing = await rabbitmqctl("list_connections", "pid", "client_properties")
     [line] = [row for row in listing.splitlines() if client_name in row]
-    subprocess.run(
-        ["rabbitmqctl", "-q", "close_connection", line.split("\t")[0], "test closes it"],
-        check=True,
-    )
+    await rabbitmqctl("close_connection", line.split("\t")[0], "test closes it")
 
 
 async def test_blocking_publisher_works_from_code_that_is_not_async(make_settings, connection):
