@@ -71,7 +71,10 @@ class AckBatcher:
         async with self._sending:
             self._forget(tag)  # before the frame: no multiple ack may cover it from now on
             try:
-                await self.channel.basic_nack(tag, requeue=True)
+                # basic.reject, not basic.nack: on RabbitMQ 4.3 a nack-requeue no longer counts
+                # toward a quorum queue's delivery limit, so a message requeued again and
+                # again would never reach the dead-letter queue; a reject counts on every version.
+                await self.channel.basic_reject(tag, requeue=True)
             except CONNECTION_EXCEPTIONS:
                 return False
         self.frames_sent += 1

@@ -250,9 +250,13 @@ def _pool_of(body: bytes) -> str | None:
     return pool if isinstance(pool, str) else None
 
 
+# Counted by the broker on each return to the queue (4.3 adds x-acquired-count): not identity.
+_BROKER_COUNTS = frozenset({"x-delivery-count", "x-acquired-count"})
+
+
 def _fingerprint(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> str:
     """Identity of one dead-lettered copy; stable across reads (the broker's count excluded)."""
-    stable = sorted((k, repr(v)) for k, v in headers.items() if k != "x-delivery-count")
+    stable = sorted((k, repr(v)) for k, v in headers.items() if k not in _BROKER_COUNTS)
     digest = hashlib.sha256(message.body)
     digest.update(repr((message.message_id, stable)).encode("utf-8", "backslashreplace"))
     return digest.hexdigest()

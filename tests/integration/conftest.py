@@ -14,6 +14,7 @@ import aio_pika
 import pytest
 from redis.asyncio import Redis
 
+from tests.faults.broker_node import BrokerNode, BrokerNodeError, find_install, selected_version
 from tests.integration.helpers import Ctl, kill_leftover_workers, rabbitmqctl_for
 from worker.settings import Settings, load_settings
 from worker.topology import Topology
@@ -57,8 +58,6 @@ def amqp_url() -> Iterator[str]:
     if explicit:
         yield explicit
         return
-    from tests.faults.broker_node import BrokerNode, BrokerNodeError, find_install, selected_version
-
     try:
         version = selected_version()
     except BrokerNodeError as exc:

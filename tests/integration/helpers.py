@@ -101,28 +101,27 @@ async def installed_rabbitmqctl(*args: str) -> str:
 
 # The broker fixture points this at the session's broker when that is not the machine's own
 # (a private node, a container), so every rabbitmqctl a test runs reaches the broker it tests.
-_ctl: Ctl | None = None
+_CTL: list[Ctl] = []
 
 
 @contextlib.contextmanager
 def rabbitmqctl_for(ctl: Ctl) -> Iterator[None]:
     """While inside, `rabbitmqctl()` runs on another broker (the session's)."""
-    global _ctl
-    previous, _ctl = _ctl, ctl
+    _CTL.append(ctl)
     try:
         yield
     finally:
-        _ctl = previous
+        _CTL.pop()
 
 
 def has_rabbitmqctl() -> bool:
     """Whether `rabbitmqctl()` can reach the broker under test."""
-    return _ctl is not None or shutil.which("rabbitmqctl") is not None
+    return bool(_CTL) or shutil.which("rabbitmqctl") is not None
 
 
 async def rabbitmqctl(*args: str) -> str:
     """Run `rabbitmqctl -q ARGS` on the broker under test; fail the test if it fails."""
-    return await (_ctl or installed_rabbitmqctl)(*args)
+    return await (_CTL[-1] if _CTL else installed_rabbitmqctl)(*args)
 
 
 SPAWNED: list[asyncio.subprocess.Process] = []

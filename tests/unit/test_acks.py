@@ -26,7 +26,7 @@ class FakeChannel:
     async def basic_ack(self, tag: int, multiple: bool = False, wait: bool = True) -> None:
         await self._write(("ack", tag, multiple), wait)
 
-    async def basic_nack(self, tag: int, requeue: bool = True, wait: bool = True) -> None:
+    async def basic_reject(self, tag: int, *, requeue: bool = True, wait: bool = True) -> None:
         await self._write(("nack", tag, False), wait)
 
 
