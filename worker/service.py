@@ -18,7 +18,7 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from worker.breaker import CircuitBreaker, State
-from worker.broker import connect
+from worker.broker import connect, masked
 from worker.consumer import Consumer
 from worker.dispatch import Dispatcher
 from worker.ledger import open_ledger
@@ -114,6 +114,8 @@ class Service:
         self._running = True
         log.info(
             "worker_started",
+            settings_files=list(s.files),
+            broker=masked(s.rabbitmq.url.get_secret_value()),
             queue=s.rabbitmq.queue,
             concurrency=s.concurrency,
             prefetch=s.prefetch,
