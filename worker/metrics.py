@@ -53,6 +53,11 @@ class Metrics:
         self.limit_gauge = Gauge(
             "memory_worker_concurrency_limit", "Current concurrency limit.", registry=self.registry
         )
+        self.ready_gauge = Gauge(
+            "memory_worker_ready",
+            "1 while /readyz answers 200 (consuming, breaker not open), else 0.",
+            registry=self.registry,
+        )
         self.sink_pauses = Counter(
             "memory_worker_sink_pauses",
             "Times the sink's Retry-After paused every store to it.",

@@ -18,6 +18,8 @@ class OpsServer:
     def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> None:
         self._metrics = metrics
         self._ready = ready
+        # Readiness as a metric too, so an alert sees a worker that runs but does not consume.
+        metrics.ready_gauge.set_function(lambda: 1.0 if ready() else 0.0)
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
