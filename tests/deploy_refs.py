@@ -98,9 +98,7 @@ def selectors(expr: str) -> list[tuple[str, dict[str, str]]]:
 
 def grouping_labels(expr: str) -> set[str]:
     """Labels named in `by (...)`, `on (...)` and the like."""
-    return {
-        label.strip() for group in _GROUPING.findall(expr) for label in group.split(",")
-    } - {""}
+    return {label.strip() for group in _GROUPING.findall(expr) for label in group.split(",")} - {""}
 
 
 def used_worker_metrics() -> dict[str, set[str]]:
