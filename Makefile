@@ -8,8 +8,8 @@ STAMP := $(VENV)/.installed
 # takes them as constraints, so a fresh clone gets them too. `make lock` regenerates it.
 LOCK := requirements/dev.lock
 
-.PHONY: install lock demo test test-rabbitmq4 rabbitmq4 unit integration lint typecheck bench \
-	bench-quick clean
+.PHONY: install lock demo test test-rabbitmq4 rabbitmq4 promtool check-rules dashboard-png unit \
+	integration lint typecheck bench bench-quick clean
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -62,6 +62,22 @@ test-rabbitmq4: $(STAMP) rabbitmq4
 	MEMORY_WORKER_TEST_RABBITMQ=4.3 $(BIN)/pytest -q -p no:cacheprovider -m "$(RABBITMQ4_MARK)" \
 	  tests/integration tests/faults
 
+# promtool from Debian's prometheus package, unpacked into ~/.cache/memory-worker/promtool
+# (or $MEMORY_WORKER_PROMTOOL_DIR); tests/unit/test_deploy.py uses it and fails without it in CI.
+promtool:
+	tests/promtool/prepare.sh
+
+PROMTOOL = $$(tests/promtool/prepare.sh 2>/dev/null)
+
+check-rules: promtool
+	$(PROMTOOL) check rules deploy/prometheus/memory-worker.rules.yml
+	$(PROMTOOL) test rules deploy/prometheus/memory-worker.rules.test.yml
+	$(PROMTOOL) check config deploy/prometheus/prometheus.yml
+
+# The README's picture of the dashboard's layout, drawn from the dashboard JSON.
+dashboard-png: $(STAMP)
+	$(BIN)/python deploy/grafana/render_layout.py
+
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
@@ -69,8 +85,8 @@ integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker tests loadtest
-	$(BIN)/ruff format --check worker tests loadtest
+	$(BIN)/ruff check worker tests loadtest deploy
+	$(BIN)/ruff format --check worker tests loadtest deploy
 
 typecheck: $(STAMP)
 	$(BIN)/mypy worker
