@@ -20,12 +20,12 @@ Three things raise latency, and only the last is the sink queueing behind us:
   creep up with the queue.
 - **Our own CPU.** When the event loop's thread was running, or ready to run and waiting for
   a core, for `busy_share` of a window's wall time (Linux's schedstat; CPU time elsewhere),
-  and the process itself ran for at least `cpu_share` of it, stores wait in our loop or for
-  the machine, not in the sink, and fewer in flight would not make any faster. (A loop that
-  mostly waits for a core other processes hold, its own work small, is not that: on a loaded
-  machine a sink that serves one call at a time must still be seen.) Such a window moves the
-  limit only up, toward the maximum, and never sets the unloaded latency (a burst that starts
-  on a busy machine would set it high).
+  stores wait in our loop or for the machine, not in the sink, and fewer in flight would not
+  make any faster. Such a window never lowers the limit and never sets the unloaded latency
+  (a burst that starts on a busy machine would set it high). It raises the limit toward the
+  maximum only when the process itself ran for `cpu_share` of it: a loop that mostly waited
+  for a core other processes held (a loaded machine) holds the limit, or a sink that serves
+  one call at a time would see it climb.
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
@@ -172,21 +172,21 @@ class AdaptiveLimit:
         wall_s = self._clock() - self._started_s
         busy_s = self._busy_clock() - self._busy_started_s
         cpu_s = self._cpu_clock() - self._cpu_started_s
-        # Busy, and busy with our own work: a loop that mostly waits for a core that other
-        # processes hold (a loaded machine) is not what queues a sink's calls behind each other.
-        ours = (
-            wall_s > 0 and busy_s >= self._busy_share * wall_s and cpu_s >= self._cpu_share * wall_s
-        )
+        ours = wall_s > 0 and busy_s >= self._busy_share * wall_s
+        # Busy with our own work, not only waiting for a core that other processes hold: only
+        # then can more in flight help, so only then does such a window raise the limit.
+        own_work = cpu_s >= self._cpu_share * wall_s
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
-        unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)
+        busy = (ours and not overloaded, own_work)
+        unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, busy)
         if unloaded_s is None:
             return  # the window went to learning how fast the sink is unloaded
         ratio = typical_s / unloaded_s if unloaded_s > 0 else 1.0
         self._decide(*self._next_limit(ratio, saturated, overloaded))
 
     def _learn_unloaded(
-        self, typical_s: float, fastest_s: float, early: bool, ours: bool
+        self, typical_s: float, fastest_s: float, early: bool, busy: tuple[bool, bool]
     ) -> float | None:
         """The unloaded latency this window teaches; None when it decided the limit itself."""
         if self._probing:
@@ -195,13 +195,14 @@ class AdaptiveLimit:
                 return None
             self._probing = False
             self.unloaded_s = typical_s
-        elif ours:
+        elif busy[0]:
             # Our event loop was the queue: the latency says nothing about the sink, not even
             # how fast it is unloaded (a first window on a busy machine would set it high);
             # its fastest store still lets the next window see a queue by its mean.
             if self.unloaded_s is None:
                 self._fastest_s = min(self._fastest_s, fastest_s)
-            self._decide(min(self.maximum, self.limit * 2), "own_cpu")
+            grown = min(self.maximum, self.limit * 2) if busy[1] else self.limit
+            self._decide(grown, "own_cpu")
             return None
         elif self.unloaded_s is None:
             if early:
