@@ -21,11 +21,8 @@ Three things raise latency, and only the last is the sink queueing behind us:
 - **Our own CPU.** When the event loop's thread was running, or ready to run and waiting for
   a core, for `busy_share` of a window's wall time (Linux's schedstat; CPU time elsewhere),
   stores wait in our loop or for the machine, not in the sink, and fewer in flight would not
-  make any faster. Such a window never lowers the limit and never sets the unloaded latency
-  (a burst that starts on a busy machine would set it high). It raises the limit toward the
-  maximum only when the process itself ran for `cpu_share` of it: a loop that mostly waited
-  for a core other processes held (a loaded machine) holds the limit, or a sink that serves
-  one call at a time would see it climb.
+  make any faster. Such a window moves the limit only up, toward the maximum, and never sets
+  the unloaded latency (a burst that starts on a busy machine would set it high).
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
@@ -73,11 +70,9 @@ class AdaptiveLimit:
         overload_share: float = 0.1,
         patience: int = 40,
         busy_share: float = 0.5,
-        cpu_share: float = 0.25,
         min_window_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
         busy_clock: Callable[[], float] | None = None,
-        cpu_clock: Callable[[], float] = time.process_time,
         on_change: Callable[[int, str], None] | None = None,
     ) -> None:
         self.maximum = maximum
@@ -93,8 +88,6 @@ class AdaptiveLimit:
         self._overload_share = overload_share
         self._patience = patience
         self._busy_share = busy_share
-        self._cpu_share = cpu_share
-        self._cpu_clock = cpu_clock
         self._min_window_s = min_window_s
         self._clock = clock
         self._busy_clock = busy_clock if busy_clock is not None else self._loop_busy_clock()
@@ -104,7 +97,7 @@ class AdaptiveLimit:
         self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
         self._good_windows = 0
         self._fastest_s = math.inf  # fastest store seen while the unloaded latency is unknown
-        self._started_s = self._busy_started_s = self._cpu_started_s = 0.0
+        self._started_s = self._busy_started_s = 0.0
         self._reset_window()
 
     def _loop_busy_clock(self) -> Callable[[], float]:
@@ -146,7 +139,6 @@ class AdaptiveLimit:
         if not latencies:
             # The window's clocks start at its first store, so idle time before it is not in it.
             self._started_s, self._busy_started_s = self._clock(), self._busy_clock()
-            self._cpu_started_s = self._cpu_clock()
         latencies.append(latency_s)
         self._total_s += latency_s
         self._overloads += overload
@@ -171,22 +163,17 @@ class AdaptiveLimit:
         typical_s = latencies[count * 3 // 4]
         wall_s = self._clock() - self._started_s
         busy_s = self._busy_clock() - self._busy_started_s
-        cpu_s = self._cpu_clock() - self._cpu_started_s
         ours = wall_s > 0 and busy_s >= self._busy_share * wall_s
-        # Busy with our own work, not only waiting for a core that other processes hold: only
-        # then can more in flight help, so only then does such a window raise the limit.
-        own_work = cpu_s >= self._cpu_share * wall_s
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
-        busy = (ours and not overloaded, own_work)
-        unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, busy)
+        unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)
         if unloaded_s is None:
             return  # the window went to learning how fast the sink is unloaded
         ratio = typical_s / unloaded_s if unloaded_s > 0 else 1.0
         self._decide(*self._next_limit(ratio, saturated, overloaded))
 
     def _learn_unloaded(
-        self, typical_s: float, fastest_s: float, early: bool, busy: tuple[bool, bool]
+        self, typical_s: float, fastest_s: float, early: bool, ours: bool
     ) -> float | None:
         """The unloaded latency this window teaches; None when it decided the limit itself."""
         if self._probing:
@@ -195,14 +182,13 @@ class AdaptiveLimit:
                 return None
             self._probing = False
             self.unloaded_s = typical_s
-        elif busy[0]:
+        elif ours:
             # Our event loop was the queue: the latency says nothing about the sink, not even
             # how fast it is unloaded (a first window on a busy machine would set it high);
             # its fastest store still lets the next window see a queue by its mean.
             if self.unloaded_s is None:
                 self._fastest_s = min(self._fastest_s, fastest_s)
-            grown = min(self.maximum, self.limit * 2) if busy[1] else self.limit
-            self._decide(grown, "own_cpu")
+            self._decide(min(self.maximum, self.limit * 2), "own_cpu")
             return None
         elif self.unloaded_s is None:
             if early:
