@@ -183,10 +183,15 @@ class AdaptiveLimit:
             self._probing = False
             self.unloaded_s = typical_s
         elif ours:
-            # Our event loop was the queue: the latency says nothing about the sink, not even
-            # how fast it is unloaded (a first window on a busy machine would set it high);
-            # its fastest store still lets the next window see a queue by its mean.
-            if self.unloaded_s is None:
+            # Our event loop was the queue, so the latency says little about the sink. A window
+            # whose stores queued behind each other (early) must not set the unloaded latency
+            # (a burst that started on a busy machine would set it high); its fastest store
+            # still lets the next window see the queue. One that did not queue may lower it:
+            # on a busy box every healthy window is ours, and a capacity drop must find it set.
+            if not early:
+                known = self.unloaded_s
+                self.unloaded_s = typical_s if known is None else min(known, typical_s)
+            elif self.unloaded_s is None:
                 self._fastest_s = min(self._fastest_s, fastest_s)
             self._decide(min(self.maximum, self.limit * 2), "own_cpu")
             return None

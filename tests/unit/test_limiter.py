@@ -136,6 +136,20 @@ def test_a_busy_first_window_does_not_become_the_baseline() -> None:
     assert limit.unloaded_s is not None and limit.unloaded_s < 0.03
 
 
+def test_a_capacity_drop_is_followed_when_every_healthy_window_was_busy() -> None:
+    """On a box where the healthy sink keeps our loop busy in every window, the unloaded latency
+    is still learnt, so a drop of the sink's capacity to 5 brings the limit below 10."""
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    # 0.6 ms of our CPU per store: ~60 % busy at ~1,000 stores/s, ~6 % once capacity is 5.
+    sim = Sim(lognormal(UNLOADED_S, 0.2), cpu_per_store_s=0.0006, clocks=clocks)
+    sim.run(limit, 5.0)
+    assert set(sim.limits()) == {50}
+    sim.set_capacity(5)
+    sim.run(limit, 10.0)
+    assert min(sim.limits(after_s=5.0)) < 10
+
+
 def test_own_cpu_limit_is_not_read_as_queueing() -> None:
     """0 ms sink, the worker's loop busy all the time: latency grows with in-flight, limit stays."""
     clocks = Clocks()
