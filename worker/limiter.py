@@ -193,7 +193,13 @@ class AdaptiveLimit:
                 self.unloaded_s = typical_s if known is None else min(known, typical_s)
             elif self.unloaded_s is None:
                 self._fastest_s = min(self._fastest_s, fastest_s)
-            self._decide(min(self.maximum, self.limit * 2), "own_cpu")
+            unloaded_s = self.unloaded_s
+            if unloaded_s is None or typical_s <= self._shrink_above * unloaded_s:
+                self._decide(min(self.maximum, self.limit * 2), "own_cpu")
+            else:
+                # Busy and queued well past unloaded: our CPU may not be all of it (a loaded
+                # machine and a sink that serves one call at a time look alike): hold.
+                self._decide(self.limit, "own_cpu")
             return None
         elif self.unloaded_s is None:
             if early:
