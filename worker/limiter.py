@@ -21,8 +21,11 @@ Three things raise latency, and only the last is the sink queueing behind us:
 - **Our own CPU.** When the event loop's thread was running, or ready to run and waiting for
   a core, for `busy_share` of a window's wall time (Linux's schedstat; CPU time elsewhere),
   stores wait in our loop or for the machine, not in the sink, and fewer in flight would not
-  make any faster. Such a window moves the limit only up, toward the maximum, and never sets
-  the unloaded latency (a burst that starts on a busy machine would set it high).
+  make any faster. Such a window never lowers the limit: it doubles it toward the maximum,
+  or holds it when latency is already past `shrink_above` times unloaded (outside CPU load
+  and a sink that serves one call at a time look alike). Its typical latency lowers the
+  unloaded one only if its stores did not queue behind each other (a burst that starts on a
+  busy machine would set it high).
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
