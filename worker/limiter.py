@@ -20,12 +20,14 @@ Three things raise latency, and only the last is the sink queueing behind us:
   creep up with the queue.
 - **Our own CPU.** When the event loop's thread was running, or ready to run and waiting for
   a core, for `busy_share` of a window's wall time (Linux's schedstat; CPU time elsewhere),
-  stores wait in our loop or for the machine, not in the sink, and fewer in flight would not
-  make any faster. Such a window never lowers the limit: it doubles it toward the maximum,
-  or holds it when latency is already past `shrink_above` times unloaded (outside CPU load
-  and a sink that serves one call at a time look alike). Its typical latency lowers the
-  unloaded one only if its stores did not queue behind each other (a burst that starts on a
-  busy machine would set it high).
+  and the process itself ran for `cpu_share` of it, stores wait in our loop or for the
+  machine, not in the sink, and fewer in flight would not make any faster. Both are needed:
+  on a busy machine a loop that is mostly idle still waits for a core at every wake-up, which
+  delays each store by a wake-up, not by the queue behind it; and a loop that other
+  processes keep from a core runs for less than the time it wants. Such a window never lowers
+  the limit: it doubles it toward the maximum. Its typical latency lowers the unloaded one
+  only if its stores did not queue behind each other (a burst that starts on a busy machine
+  would set it high).
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
@@ -73,9 +75,10 @@ class AdaptiveLimit:
         overload_share: float = 0.1,
         patience: int = 40,
         busy_share: float = 0.5,
+        cpu_share: float = 0.25,
         min_window_s: float = 0.05,
         clock: Callable[[], float] = time.monotonic,
-        busy_clock: Callable[[], float] | None = None,
+        busy_clock: Callable[[], tuple[float, float]] | None = None,
         on_change: Callable[[int, str], None] | None = None,
     ) -> None:
         self.maximum = maximum
@@ -91,6 +94,7 @@ class AdaptiveLimit:
         self._overload_share = overload_share
         self._patience = patience
         self._busy_share = busy_share
+        self._cpu_share = cpu_share
         self._min_window_s = min_window_s
         self._clock = clock
         self._busy_clock = busy_clock if busy_clock is not None else self._loop_busy_clock()
@@ -100,26 +104,27 @@ class AdaptiveLimit:
         self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
         self._good_windows = 0
         self._fastest_s = math.inf  # fastest store seen while the unloaded latency is unknown
-        self._started_s = self._busy_started_s = 0.0
+        self._started_s = 0.0
+        self._busy_started_s = (0.0, 0.0)
         self._reset_window()
 
-    def _loop_busy_clock(self) -> Callable[[], float]:
-        """Seconds this process ran plus the seconds its loop thread waited for a core.
+    def _loop_busy_clock(self) -> Callable[[], tuple[float, float]]:
+        """Seconds this process ran, and seconds its loop thread waited for a core.
 
         CPU time is exact at any moment; the wait comes from Linux's schedstat (counted at
         each switch, so only a window of a few scheduler ticks reads it well). Off Linux,
-        CPU time alone.
+        the wait reads 0.
         """
+        cpu_s = time.process_time
         try:
             # The thread that builds the limit is the event loop's: the one that does our work.
             fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
         except OSError:
-            return time.process_time
+            return lambda: (cpu_s(), 0.0)
         weakref.finalize(self, os.close, fd)
-        cpu_s = time.process_time
 
-        def busy_s() -> float:
-            return cpu_s() + int(os.pread(fd, 128, 0).split()[1]) / 1e9
+        def busy_s() -> tuple[float, float]:
+            return cpu_s(), int(os.pread(fd, 128, 0).split()[1]) / 1e9
 
         return busy_s
 
@@ -165,8 +170,12 @@ class AdaptiveLimit:
         count = len(latencies)
         typical_s = latencies[count * 3 // 4]
         wall_s = self._clock() - self._started_s
-        busy_s = self._busy_clock() - self._busy_started_s
-        ours = wall_s > 0 and busy_s >= self._busy_share * wall_s
+        cpu_s, waited_s = self._busy_clock()
+        cpu_s -= self._busy_started_s[0]
+        waited_s -= self._busy_started_s[1]
+        ours = wall_s > 0 and (
+            cpu_s >= self._cpu_share * wall_s and cpu_s + waited_s >= self._busy_share * wall_s
+        )
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
         unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)
@@ -196,13 +205,7 @@ class AdaptiveLimit:
                 self.unloaded_s = typical_s if known is None else min(known, typical_s)
             elif self.unloaded_s is None:
                 self._fastest_s = min(self._fastest_s, fastest_s)
-            unloaded_s = self.unloaded_s
-            if unloaded_s is None or typical_s <= self._shrink_above * unloaded_s:
-                self._decide(min(self.maximum, self.limit * 2), "own_cpu")
-            else:
-                # Busy and queued well past unloaded: our CPU may not be all of it (a loaded
-                # machine and a sink that serves one call at a time look alike): hold.
-                self._decide(self.limit, "own_cpu")
+            self._decide(min(self.maximum, self.limit * 2), "own_cpu")
             return None
         elif self.unloaded_s is None:
             if early:

@@ -14,14 +14,16 @@ UNLOADED_S = 0.05
 
 @dataclass
 class Clocks:
-    """A simulated wall clock and process-CPU clock for the limiter."""
+    """A simulated wall clock, process-CPU clock and wait-for-a-core clock for the limiter."""
 
     now: float = 0.0
     cpu: float = 0.0
+    waited: float = 0.0
 
     def limit(self, maximum: int, **kwargs: object) -> AdaptiveLimit:
         """An AdaptiveLimit reading these clocks."""
-        return AdaptiveLimit(maximum, clock=lambda: self.now, busy_clock=lambda: self.cpu, **kwargs)  # type: ignore[arg-type]
+        busy = lambda: (self.cpu, self.waited)  # noqa: E731
+        return AdaptiveLimit(maximum, clock=lambda: self.now, busy_clock=busy, **kwargs)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -29,12 +31,14 @@ class Sim:
     """A sink with `capacity` servers (None: unbounded) serving calls first come, first served.
 
     Stores start whenever fewer than the limit are running, as the dispatcher's slots do;
-    each completion costs the worker `cpu_per_store_s` of CPU.
+    each completion costs the worker `cpu_per_store_s` of CPU and, on a machine busy with
+    other processes, `wait_per_store_s` of waiting for a core.
     """
 
     service_s: Callable[[], float]
     capacity: int | None = None
     cpu_per_store_s: float = 0.0001
+    wait_per_store_s: float = 0.0
     clocks: Clocks = field(default_factory=Clocks)
     servers: list[float] = field(default_factory=list)
     running: list[tuple[float, float]] = field(default_factory=list)  # (end, start)
@@ -65,6 +69,7 @@ class Sim:
             end, start = heapq.heappop(self.running)
             self.clocks.now = max(self.clocks.now, end)
             self.clocks.cpu += self.cpu_per_store_s
+            self.clocks.waited += self.wait_per_store_s
             limit.observe(end - start, overload=False, in_flight=len(self.running) + 1)
             self.log.append((self.clocks.now, limit.limit, end - start))
 
@@ -148,6 +153,30 @@ def test_a_capacity_drop_is_followed_when_every_healthy_window_was_busy() -> Non
     sim.set_capacity(5)
     sim.run(limit, 10.0)
     assert min(sim.limits(after_s=5.0)) < 10
+
+
+def test_waiting_for_a_core_alone_does_not_hide_a_capacity_drop() -> None:
+    """Other processes keep our mostly idle loop waiting for a core at every wake-up: the loop
+    reads busy, yet a drop of the sink's capacity to 3 still brings the limit down."""
+    clocks = Clocks()
+    limit = clocks.limit(20)
+    sim = Sim(lognormal(UNLOADED_S, 0.2), cpu_per_store_s=0.001, clocks=clocks)
+    sim.run(limit, 5.0)
+    assert set(sim.limits()) == {20}
+    sim.set_capacity(3)
+    sim.wait_per_store_s = 0.015  # ~90 % of the wall time at ~60 stores/s
+    sim.run(limit, 15.0)
+    assert max(sim.limits(after_s=8.0)) <= 6
+
+
+def test_serial_sink_is_left_on_a_machine_busy_with_other_work() -> None:
+    """One call at a time (10 ms) while other processes keep the loop waiting for a core: the
+    limit still comes down from the maximum to 1-3."""
+    clocks = Clocks()
+    limit = clocks.limit(20)
+    sim = Sim(lambda: 0.01, capacity=1, wait_per_store_s=0.008, clocks=clocks)
+    sim.run(limit, 20.0)
+    assert max(sim.limits(after_s=3.0)) <= 3
 
 
 def test_own_cpu_limit_is_not_read_as_queueing() -> None:
