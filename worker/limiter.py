@@ -38,11 +38,12 @@ Three things raise latency, and only the last is the sink queueing behind us:
 
 Growth: below `flat_below` times unloaded with every slot busy the limit doubles (capacity is
 back); below `grow_below` it grows by a quarter; in between it holds. A limit that latency
-pushed it back from is a ceiling, remembered with what the sink served there (ceiling ÷ latency
-ratio). The limit stays below it until latency is flat at a quarter (and one call) more than
+pushed it back from is a ceiling, remembered with what the sink served there (stores/s times
+the unloaded latency, by Little's law). The limit stays below it until latency is flat at a quarter (and one call) more than
 that capacity, or for `patience` good windows in a row: flat latency at one call at a time says
 nothing on a sink that serves one call at a time, and each probe above the ceiling costs a
-window of queued calls (those windows would set the p95).
+window of queued calls (those windows would set the p95). Flat right under a ceiling of five
+or more, a quarter step above it is cheap and taken at once: the ceiling moves up with it.
 
 A sink that serves one call at a time (Session-Buddy) thus settles at one call, p95 near the
 unloaded latency, throughput within a few percent of the best fixed limit; a sink with room for
@@ -100,7 +101,7 @@ class AdaptiveLimit:
         self._busy_clock = busy_clock if busy_clock is not None else self._loop_busy_clock()
         self._on_change = on_change
         self._ceiling: int | None = None
-        self._capacity = 0.0  # what the sink served at the ceiling: ceiling / latency ratio
+        self._capacity = 0.0  # calls the sink served at once at the ceiling: stores/s x unloaded
         self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
         self._good_windows = 0
         self._fastest_s = math.inf  # fastest store seen while the unloaded latency is unknown
@@ -182,7 +183,11 @@ class AdaptiveLimit:
         if unloaded_s is None:
             return  # the window went to learning how fast the sink is unloaded
         ratio = typical_s / unloaded_s if unloaded_s > 0 else 1.0
-        self._decide(*self._next_limit(ratio, saturated, overloaded))
+        # Little's law at the sink: stores/s times the unloaded latency is how many calls it
+        # served at once. Not limit / ratio: calls queued at an earlier, higher limit inflate
+        # the ratio of the window that shrinks, and the capacity would read low.
+        served = count / wall_s * unloaded_s if wall_s > 0 else self.limit / ratio
+        self._decide(*self._next_limit(ratio, saturated, overloaded, served))
 
     def _learn_unloaded(
         self, typical_s: float, fastest_s: float, early: bool, ours: bool
@@ -222,7 +227,9 @@ class AdaptiveLimit:
             self.unloaded_s = min(self.unloaded_s, typical_s)
         return self.unloaded_s
 
-    def _next_limit(self, ratio: float, saturated: bool, overloaded: bool) -> tuple[int, str]:
+    def _next_limit(
+        self, ratio: float, saturated: bool, overloaded: bool, served: float
+    ) -> tuple[int, str]:
         """The limit for the next window and why, from the latency ratio and the signals."""
         limit = self.limit
         good = ratio < self._grow_below and saturated and not overloaded
@@ -233,7 +240,7 @@ class AdaptiveLimit:
             shrunk = max(1, math.floor(limit * max(0.5, self._shrink_above / ratio)))
             if shrunk < limit:
                 # Latency was too high here: come back only with evidence of more capacity.
-                self._ceiling, self._capacity = limit, limit / ratio
+                self._ceiling, self._capacity = limit, served
             return shrunk, "latency"
         if good:
             return self._grown(limit, ratio), "headroom"
@@ -251,7 +258,14 @@ class AdaptiveLimit:
             ceiling = self._ceiling = None
         grown = limit * 2 if flat and ceiling is None else limit + max(1, limit // 4)
         if ceiling is not None and grown >= ceiling:
-            grown = max(limit, ceiling - 1)
+            if flat and limit >= 4 and limit >= ceiling - 1:
+                # Flat right under the ceiling with four or more running: a quarter step above
+                # costs at most a quarter more latency, so take it (the ceiling moves up with
+                # it) rather than wait out the patience; what the sink serves once it has
+                # room again then shows as flat latency well above the old capacity.
+                self._ceiling = grown + 1
+            else:
+                grown = max(limit, ceiling - 1)
         return grown
 
     def _decide(self, limit: int, why: str) -> None:

@@ -210,6 +210,19 @@ def test_capacity_drop_is_followed_and_recovered() -> None:
     assert back and back[0] - 10.0 <= 2.0
 
 
+def test_an_underestimated_capacity_does_not_pin_the_limit_under_its_ceiling() -> None:
+    """Shrinks from 8 to 5 at 1.85x (queued calls inflate the ratio, so the capacity estimate is
+    low): once latency is flat again the limit is back at the maximum within a few windows."""
+    clocks = Clocks()
+    limit = clocks.limit(8)
+    feed(limit, clocks, UNLOADED_S, 64)
+    while limit.limit > 5:
+        feed(limit, clocks, 1.85 * UNLOADED_S, 32)
+    assert limit.limit == 5
+    feed(limit, clocks, UNLOADED_S, 6 * 32)
+    assert limit.limit == 8
+
+
 def test_slower_sink_for_everyone_is_relearned_at_limit_one() -> None:
     """When the sink gets slower for all, the limit drops to 1, relearns, and grows again."""
     slow = [1.0]
