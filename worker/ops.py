@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Self
 
@@ -15,9 +15,18 @@ from worker.metrics import Metrics
 class OpsServer:
     """Serves `/metrics`, `/insertion-metrics`, `/healthz` and `/readyz` on its own port."""
 
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool], host: str, port: int) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: Callable[[], bool],
+        host: str,
+        port: int,
+        about: Callable[[], Mapping[str, object]] | None = None,
+    ) -> None:
         self._metrics = metrics
         self._ready = ready
+        # What /readyz says besides ready or not: the broker node the worker is on.
+        self._about = about
         # Readiness as a metric too, so an alert sees a worker that runs but does not consume.
         metrics.ready_gauge.set_function(lambda: 1.0 if ready() else 0.0)
         self._host = host
@@ -63,4 +72,5 @@ class OpsServer:
 
     async def _readiness(self, request: web.Request) -> web.Response:
         ready = self._ready()
-        return web.json_response({"ready": ready}, status=200 if ready else 503)
+        about = self._about() if self._about is not None else {}
+        return web.json_response({"ready": ready, **about}, status=200 if ready else 503)

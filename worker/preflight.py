@@ -17,7 +17,15 @@ import httpx
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
-from worker.broker import CONFIRM_TIMEOUT_S, BrokerRefused, BrokerUnavailable, connect, masked
+from worker.broker import (
+    CONFIRM_TIMEOUT_S,
+    BrokerRefused,
+    BrokerUnavailable,
+    address,
+    connect,
+    describe,
+    masked,
+)
 from worker.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from worker.ledger import ping as ledger_ping
 from worker.mcp import McpSink, make_sink
@@ -64,9 +72,9 @@ async def prepare_broker(
     else:
         await topology.check(connection)
     if mq.management_url is not None:
-        await check_queue_policies(
-            mq.management_url.get_secret_value(), mq.url.get_secret_value(), topology
-        )
+        # One management API for a cluster: any node's shows every queue. The vhost is the
+        # same in every address (the settings check that).
+        await check_queue_policies(mq.management_url.get_secret_value(), mq.urls[0], topology)
 
 
 def check_consumer_timeout(
@@ -222,9 +230,11 @@ async def check(settings: Settings) -> list[Finding]:
     except BrokerRefused as exc:
         found.append(Finding(f"broker {masked(url)}", str(exc), EXIT_CONFIG))
     except BrokerUnavailable as exc:
-        found.append(Finding(f"broker {masked(url)}", f"no broker: {exc.error}", EXIT_UNAVAILABLE))
+        down = f"{exc.error}" if len(exc.failures) == 1 else describe(exc.failures)
+        found.append(Finding(f"broker {masked(url)}", f"no broker: {down}", EXIT_UNAVAILABLE))
     else:
-        found.append(Finding(f"broker {masked(url)}", None))
+        several = f"{address(connection)} (one of {len(mq.urls)} addresses)"
+        found.append(Finding(f"broker {masked(url) if len(mq.urls) == 1 else several}", None))
         async with connection:
             found.append(await _check_topology(s, Topology.from_settings(s), connection))
     found.append(await _check_sink(s))
@@ -259,9 +269,7 @@ async def _check_topology(
             await topology.declare_queue(connection, queue, arguments)
         mq = settings.rabbitmq
         if mq.management_url is not None:
-            await check_queue_policies(
-                mq.management_url.get_secret_value(), mq.url.get_secret_value(), topology
-            )
+            await check_queue_policies(mq.management_url.get_secret_value(), mq.urls[0], topology)
     except TopologyError as exc:
         return Finding(name, str(exc), EXIT_CONFIG)
     if missing and not settings.rabbitmq.declare:

@@ -6,7 +6,7 @@ assumed published:
     PublishFailed           the broker did not confirm the publish (a timeout, for one)
     ├── Unroutable          the mandatory publish came back: no queue is bound for it
     ├── Refused             the broker nacked it (a full quorum queue with reject-publish)
-    ├── ConnectionLost      the channel or connection closed before the confirm arrived
+    ├── ConnectionLost      the connection closed before the confirm (robust: stayed away)
     └── BatchFailed         some items of `publish_many` failed; `.failures` says which
     DecodeError             (worker.models) the item is invalid; it was never sent
     BrokerUnavailable       (worker.broker) `open_publisher` could open no connection at all
@@ -21,21 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import (
-    AsyncIterable,
-    AsyncIterator,
-    Callable,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
 from typing import Any, Self
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractRobustChannel,
+)
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS, DeliveryError, PublishError
 
 from worker.broker import CONFIRM_TIMEOUT_S, connect
@@ -73,6 +71,8 @@ __all__ = [
 ]
 
 MAX_OUTSTANDING = 256
+#: Before a publish is sent again after a lost connection: aio-pika's recovery goes first.
+RETRY_PAUSE_S = 0.1
 
 ItemLike = MemoryItem | Mapping[str, Any]
 
@@ -98,6 +98,7 @@ class Publisher:
         self._blank_content: BlankContent = blank_content
         self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._down_since: float | None = None  # when a robust connection was lost, if it is
 
     async def __aenter__(self) -> Self:
         # on_return_raises: without it aio-pika reports an unroutable mandatory publish as a
@@ -174,22 +175,51 @@ class Publisher:
     async def publish_message(
         self, message: aio_pika.Message, *, routing_key: str | None = None
     ) -> None:
-        """Publish a prepared message, mandatory, and wait for the broker's confirm."""
-        if self._exchange is None:
+        """Publish a prepared message, mandatory, and wait for the broker's confirm.
+
+        On a robust connection, a publish whose connection is lost is sent again once the
+        channel is back (on the next node after a failover), within the one confirm timeout:
+        the broker may then hold it twice, which the message id dedupes.
+        """
+        if self._exchange is None or (channel := self._channel) is None:
             raise RuntimeError("not open: use `async with Publisher(...)`")
         key = routing_key or self._topology.queue
+        deadline = asyncio.get_running_loop().time() + self._timeout_s
+        while True:
+            try:
+                async with asyncio.timeout_at(self._until(deadline, channel)):
+                    if self._down_since is not None and isinstance(channel, AbstractRobustChannel):
+                        await asyncio.sleep(RETRY_PAUSE_S)
+                        await channel.ready()  # reconnected, the channel restored
+                    await self._confirmed(self._exchange, message, key)
+                self._down_since = None
+                return
+            except TimeoutError as exc:
+                if self._down_since is not None:  # the outage outlasted the timeout
+                    raise ConnectionLost(f"connection lost for over {self._timeout_s:g} s") from exc
+                raise PublishFailed(f"no confirm within {self._timeout_s:g} s") from exc
+            except CONNECTION_EXCEPTIONS as exc:
+                if not isinstance(channel, AbstractRobustChannel):
+                    raise ConnectionLost(f"connection lost before the confirm: {exc!r}") from exc
+                if self._down_since is None:
+                    self._down_since = asyncio.get_running_loop().time()
+
+    def _until(self, deadline: float, channel: AbstractChannel) -> float:
+        """A try's deadline: while the channel is down, no later than the outage's own."""
+        down = self._down_since
+        outage_ends = deadline if down is None or not channel.is_closed else down + self._timeout_s
+        return min(deadline, outage_ends)
+
+    async def _confirmed(self, to: AbstractExchange, message: aio_pika.Message, key: str) -> None:
+        """One publish and its confirm; the broker's refusals raised as what they mean."""
         try:
-            await self._exchange.publish(message, key, mandatory=True, timeout=self._timeout_s)
+            await to.publish(message, key, mandatory=True)
         except PublishError as exc:
             raise Unroutable(f"no queue bound for {self._topology.exchange!r}/{key!r}") from exc
         except DeliveryError as exc:
             raise Refused(f"broker refused the publish: {exc!r}") from exc
-        except TimeoutError as exc:
-            raise PublishFailed(f"no confirm within {self._timeout_s:g} s") from exc
         except aiormq.exceptions.ChannelNotFoundEntity as exc:
             raise Unroutable(f"exchange {self._topology.exchange!r} does not exist") from exc
-        except CONNECTION_EXCEPTIONS as exc:
-            raise ConnectionLost(f"connection lost before the confirm: {exc!r}") from exc
 
     async def publish_many(
         self,

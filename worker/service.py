@@ -15,10 +15,9 @@ from types import TracebackType
 from typing import Self
 
 import structlog
-from aio_pika.abc import AbstractRobustConnection
 
 from worker.breaker import CircuitBreaker, State
-from worker.broker import connect, masked
+from worker.broker import FailoverConnection, connect
 from worker.consumer import Consumer
 from worker.dispatch import Dispatcher
 from worker.ledger import open_ledger
@@ -61,7 +60,7 @@ class Service:
         self._failure: BaseException | None = None
         self._stack = AsyncExitStack()
         self._consumer: Consumer | None = None
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: FailoverConnection | None = None
         self._dispatcher: Dispatcher | None = None
         self._steering: Steering | None = None
 
@@ -69,8 +68,16 @@ class Service:
     def ready(self) -> bool:
         """Connected to the broker, consuming, and the sink's breaker is not open."""
         lost = self._consumer is not None and self._consumer.lost
-        connected = self._connection is not None and self._connection.connected.is_set()
+        # Not while a failover is under way: only once the consumer's channel is restored.
+        connected = self._connection is not None and self._connection.up
         return self._running and connected and not lost and self.breaker.state is not State.OPEN
+
+    def _broker(self) -> dict[str, object]:
+        """The broker node for /readyz: a failover shows as a new node and a count."""
+        connection = self._connection
+        if connection is None:
+            return {"broker": None, "broker_failovers": 0}
+        return {"broker": connection.node, "broker_failovers": connection.failovers}
 
     async def __aenter__(self) -> Self:
         try:
@@ -85,7 +92,9 @@ class Service:
         structlog.contextvars.bind_contextvars(worker_id=s.worker.id)
         check_settings(s)
         if s.worker.ops_port >= 0:
-            ops = OpsServer(self.metrics, lambda: self.ready, s.worker.ops_host, s.worker.ops_port)
+            ops = OpsServer(
+                self.metrics, lambda: self.ready, s.worker.ops_host, s.worker.ops_port, self._broker
+            )
             await self._stack.enter_async_context(ops)
             self.ops_port = ops.port
         client = await self._stack.enter_async_context(make_client(s))
@@ -115,7 +124,7 @@ class Service:
         log.info(
             "worker_started",
             settings_files=list(s.files),
-            broker=masked(s.rabbitmq.url.get_secret_value()),
+            broker=connection.node,
             queue=s.rabbitmq.queue,
             concurrency=s.concurrency,
             prefetch=s.prefetch,

@@ -137,11 +137,12 @@ def make_settings(amqp_url: str) -> Iterator[Any]:
     # A worker a failing test left behind would redeclare what is deleted next.
     kill_leftover_workers()
     if made:
-        asyncio.run(_delete(made[0]))
+        asyncio.run(_delete(amqp_url, made[0]))
 
 
-async def _delete(settings: Settings) -> None:
-    connection = await aio_pika.connect(settings.rabbitmq.url.get_secret_value())
+async def _delete(amqp_url: str, settings: Settings) -> None:
+    # On the fixture's broker: a test's rabbitmq.url may list other nodes, or a dead one first.
+    connection = await aio_pika.connect(amqp_url)
     async with connection:
         await Topology.from_settings(settings).delete(connection)
 

@@ -1,15 +1,17 @@
-"""The `memory-worker check` command against a real broker and the stand-in."""
+"""The `memory-worker check` command (and the tools on several addresses) against a real broker."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 
 import aiormq
 import pytest
 
-from tests.integration.helpers import worker_env
-from worker.testing import StandIn
+from tests.integration.helpers import item, publish_items, worker_env
+from worker.broker import shown
+from worker.testing import StandIn, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -117,3 +119,60 @@ async def test_check_is_a_dry_run_of_run(make_settings, connection):
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         async with connection.channel() as channel:
             await channel.declare_queue(settings.rabbitmq.dead_letter_queue, passive=True)
+
+
+async def _tool(env: dict[str, str], *args: str) -> tuple[int, str, str]:
+    """`memory-worker ARGS` until it exits: exit code, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "worker",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_tools_use_the_second_address_when_the_first_is_down(
+    make_settings, amqp_url, connection, tmp_path
+):
+    """With the first of two addresses dead, check, publish and dlq work on the second, each
+    logging one masked broker_failover line; check names the node that answered."""
+    dead = f"amqp://guest:guest@127.0.0.1:{free_port()}/"
+    async with StandIn() as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url}, rabbitmq={"url": f"{dead},{amqp_url}"}
+        )
+        await publish_items(connection, settings, 0)  # the topology, for publish and dlq
+        env = worker_env(settings)
+        checked = await _tool(env, "check")
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps(item(n)) + "\n" for n in range(3)))
+    published = await _tool(env, "publish", str(items))
+    stats = await _tool(env, "dlq", "stats", "--json")
+    for code, out, err in (checked, published, stats):
+        assert code == 0, out + err
+        assert err.count('"broker_failover"') == 1, err
+        assert "guest:guest" not in out + err
+    assert f"broker {shown(amqp_url)} (one of 2 addresses): ok" in checked[1]
+    assert "published 3 of 3 item(s), 0 not confirmed" in published[1]
+    assert json.loads(stats[1])["depth"] == 0
+
+
+async def test_check_with_no_address_answering_names_each_and_exits_69(make_settings):
+    """Every address down: check exits 69 and says why each failed, passwords masked."""
+    ports = (free_port(), free_port())
+    urls = [f"amqp://guest:guest@127.0.0.1:{port}/" for port in ports]
+    env = worker_env(make_settings(), MAHAVISHNU_RABBITMQ__URL=",".join(urls))
+    code, out = await _check(env)
+    assert code == 69, out
+    broker = next(line for line in out.splitlines() if line.startswith("broker "))
+    for port in ports:
+        assert f"amqp://guest:***@127.0.0.1:{port}/: " in broker
+    assert broker.count("Connection refused") == 2
+    assert "guest:guest" not in out

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
 import pytest
+from aio_pika.abc import AbstractRobustChannel
+from aio_pika.exceptions import ConnectionClosed
 
 from tests.unit.fakes import until
 from worker.keys import item_key
@@ -154,3 +156,73 @@ def test_blocking_publisher_before_opening_is_a_clear_error():
         publisher.publish_item(valid_item("early"))
     with pytest.raises(RuntimeError, match="with BlockingPublisher"):
         publisher.publish_many([valid_item("early")])
+
+
+class FlakyChannel:
+    """A channel whose connection is lost under the first `lost` publishes, then comes back."""
+
+    def __init__(self, lost: int, back: asyncio.Event | None = None) -> None:
+        self.lost = lost
+        self.back = back
+        self.sent: list[bytes] = []
+        self.ready_calls = 0
+
+    @property
+    def is_closed(self) -> bool:
+        return self.back is not None and not self.back.is_set()
+
+    async def publish(self, message: Any, routing_key: str, **kwargs: Any) -> None:
+        if self.lost:
+            self.lost -= 1
+            raise ConnectionClosed(320, "CONNECTION_FORCED - node going down")
+        self.sent.append(message.body)
+
+    async def ready(self) -> None:
+        self.ready_calls += 1
+        if self.back is not None:
+            await self.back.wait()
+
+
+class RobustFlakyChannel(FlakyChannel):
+    """The same, seen as aio-pika's robust channel, which reconnects (to the next node)."""
+
+
+AbstractRobustChannel.register(RobustFlakyChannel)
+
+
+def _open_on(channel: FlakyChannel, confirm_timeout_s: float = 5.0) -> Publisher:
+    publisher = Publisher(cast(Any, None), TOPOLOGY, confirm_timeout_s=confirm_timeout_s)
+    publisher._channel = publisher._exchange = cast(Any, channel)
+    return publisher
+
+
+async def test_a_publish_lost_with_a_robust_connection_is_sent_again_once_it_is_back():
+    """Connection lost before the confirm on a robust channel: sent again, returns confirmed."""
+    channel = RobustFlakyChannel(lost=2)
+    publisher = _open_on(channel)
+    await publisher.publish_raw(b"{}", message_id="k")
+    assert channel.sent == [b"{}"] and channel.ready_calls == 2
+
+
+async def test_a_publish_lost_with_a_plain_connection_fails_at_once():
+    """A plain connection never comes back: the publish raises ConnectionLost, not sent again."""
+    channel = FlakyChannel(lost=1)
+    with pytest.raises(ConnectionLost, match="CONNECTION_FORCED"):
+        await _open_on(channel).publish_raw(b"{}", message_id="k")
+    assert channel.sent == [] and channel.ready_calls == 0
+
+
+async def test_an_outage_longer_than_the_confirm_timeout_fails_the_publish_and_later_ones():
+    """Not back within the timeout: ConnectionLost, later publishes fail at once until it is."""
+    channel = RobustFlakyChannel(lost=1, back=asyncio.Event())
+    publisher = _open_on(channel, confirm_timeout_s=0.2)
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ConnectionLost, match=r"over 0\.2 s"):
+        await publisher.publish_raw(b"{}", message_id="k")
+    started = loop.time()
+    with pytest.raises(ConnectionLost):
+        await publisher.publish_raw(b"{}", message_id="k2")
+    assert loop.time() - started < 0.1 and channel.sent == []
+    channel.back.set()
+    await publisher.publish_raw(b"{}", message_id="k3")
+    assert channel.sent == [b"{}"]

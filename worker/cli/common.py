@@ -33,7 +33,7 @@ Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 FLAGS: tuple[tuple[str, tuple[str, str], Callable[[str], Any], str], ...] = (
     ("--concurrency", ("pools", "max_concurrent_memory_insertions"), int, "inserts at once"),
     ("--session-buddy-url", ("pools", "session_buddy_url"), str, "Session-Buddy MCP URL"),
-    ("--rabbitmq-url", ("rabbitmq", "url"), str, "amqp://user:pass@host:port/vhost"),
+    ("--rabbitmq-url", ("rabbitmq", "url"), str, "amqp://user:pass@host:port/vhost[,amqp://...]"),
     ("--queue", ("rabbitmq", "queue"), str, "work queue"),
     ("--dead-letter-queue", ("rabbitmq", "dead_letter_queue"), str, "dead-letter queue"),
     ("--sink", ("sink", "kind"), str, "mcp or http"),

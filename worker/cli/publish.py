@@ -81,7 +81,8 @@ async def _publish(
 ) -> int:
     out, err = console(), console(stderr=True)
     failures: list[PublishResult] = []
-    async with open_publisher(settings, purpose="publish", robust=False) as publisher:
+    # Robust: an item whose node is lost before its confirm is sent again on the next node.
+    async with open_publisher(settings, purpose="publish") as publisher:
         with progress(err, "publishing", len(items)) as advance:
             done = 0
 
