@@ -39,11 +39,12 @@ Three things raise latency, and only the last is the sink queueing behind us:
 Growth: below `flat_below` times unloaded with every slot busy the limit doubles (capacity is
 back); below `grow_below` it grows by a quarter; in between it holds. A limit that latency
 pushed it back from is a ceiling, remembered with what the sink served there (stores/s times
-the unloaded latency, by Little's law). The limit stays below it until latency is flat at a quarter (and one call) more than
-that capacity, or for `patience` good windows in a row: flat latency at one call at a time says
-nothing on a sink that serves one call at a time, and each probe above the ceiling costs a
-window of queued calls (those windows would set the p95). Flat right under a ceiling of five
-or more, a quarter step above it is cheap and taken at once: the ceiling moves up with it.
+the unloaded latency, by Little's law). The limit stays below it until latency is flat at a
+quarter (and one call) more than that capacity, or for `patience` good windows in a row: flat
+latency at one call at a time says nothing on a sink that serves one call at a time, and each
+probe above the ceiling costs a window of queued calls (those windows would set the p95). Flat
+right under a ceiling of five or more, a quarter step above it is cheap and taken at once: the
+ceiling moves up with it.
 
 A sink that serves one call at a time (Session-Buddy) thus settles at one call, p95 near the
 unloaded latency, throughput within a few percent of the best fixed limit; a sink with room for
