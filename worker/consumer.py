@@ -95,7 +95,10 @@ class Consumer:
             raise RuntimeError("Consumer.start() was not awaited")
         underlay = await channel.get_underlay_channel()
         ok = await underlay.basic_consume(
-            self._topology.queue, self._on_delivered, consumer_tag=tag
+            self._topology.queue,
+            self._on_delivered,
+            consumer_tag=tag,
+            arguments=self._topology.consumer_arguments(),
         )
         if ok.consumer_tag is None:
             raise RuntimeError("the broker answered basic.consume without a consumer tag")

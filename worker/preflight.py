@@ -8,12 +8,9 @@ reports instead of raising, for the `check` command.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, NamedTuple
-from urllib.parse import quote, unquote, urlparse
+from typing import NamedTuple
 
 import aiormq
-import httpx
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
@@ -28,17 +25,13 @@ from worker.broker import (
 )
 from worker.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_UNAVAILABLE
 from worker.ledger import ping as ledger_ping
+from worker.management import check_queue_policies
 from worker.mcp import McpSink, make_sink
+from worker.queue_compare import IN_PROCESS_ATTEMPTS, Expected, Version, held_s, parse_version
 from worker.settings import Settings
 from worker.sink import HttpSink, SinkConfigError
 from worker.topology import Topology, TopologyError
 from worker.transport import TransportError, make_client
-
-#: One store attempt per delivery (retries go through the broker), but an MCP session re-open
-#: can run the store call a second time within the same delivery.
-IN_PROCESS_ATTEMPTS = 2
-#: One read of the management API at start: a slow API delays the start at most this long.
-MANAGEMENT_TIMEOUT_S = 10.0
 
 log = structlog.get_logger("worker.preflight")
 
@@ -71,10 +64,43 @@ async def prepare_broker(
         await topology.declare(connection)
     else:
         await topology.check(connection)
-    if mq.management_url is not None:
-        # One management API for a cluster: any node's shows every queue. The vhost is the
-        # same in every address (the settings check that).
-        await check_queue_policies(mq.management_url.get_secret_value(), mq.urls[0], topology)
+    for warning in await _compare_queue(settings, topology, connection):
+        log.warning("broker_disagrees_with_settings", detail=warning)
+
+
+def broker_version(connection: AbstractConnection | None) -> Version | None:
+    """The broker's version from the AMQP handshake (`server_properties`), if connected."""
+    transport = getattr(connection, "transport", None)
+    properties = getattr(getattr(transport, "connection", None), "server_properties", None)
+    return parse_version(properties.get("version")) if isinstance(properties, dict) else None
+
+
+def expected_of(settings: Settings, version: Version | None) -> Expected:
+    """What the worker needs of a broker of `version`, from the settings."""
+    mq = settings.rabbitmq
+    return Expected(
+        version=version,
+        held_s=held_s(settings.sink.timeout_s, CONFIRM_TIMEOUT_S),
+        consumer_timeout_s=mq.consumer_timeout_s,
+        disconnected_timeout_s=mq.consumer_disconnected_timeout_s,
+    )
+
+
+async def _compare_queue(
+    settings: Settings, topology: Topology, connection: AbstractConnection
+) -> list[str]:
+    """The management API's view of the work queue against the settings; its warnings."""
+    mq = settings.rabbitmq
+    if mq.management_url is None:
+        return []
+    # One management API for a cluster: any node's shows every queue. The vhost is the same in
+    # every address (the settings check that).
+    return await check_queue_policies(
+        mq.management_url.get_secret_value(),
+        mq.urls[0],
+        topology,
+        expected=expected_of(settings, broker_version(connection)),
+    )
 
 
 def check_consumer_timeout(
@@ -85,125 +111,25 @@ def check_consumer_timeout(
     A delivery is held for at most `IN_PROCESS_ATTEMPTS` store calls of `sink.timeout_s` each,
     plus the publish confirm of its retry or dead letter. At shutdown the grace period cannot
     extend that: what is still in flight when it ends is requeued. A delivery held longer than
-    `consumer_timeout` closes the channel (or cancels the consumer) and is redelivered, so the
-    same item would be stored again and again.
+    the consumer timeout is taken back (the channel closed or the consumer cancelled) and
+    redelivered, so the same item would be stored again and again. The worker asks for
+    `consumer_timeout_s` on its own consumer; the queue's is compared by `worker.queue_compare`.
     """
-    held_s = IN_PROCESS_ATTEMPTS * sink_timeout_s + confirm_timeout_s
-    if held_s <= consumer_timeout_s:
+    held = held_s(sink_timeout_s, confirm_timeout_s)
+    if held <= consumer_timeout_s:
         return
     max_timeout_s = max(consumer_timeout_s - confirm_timeout_s, 0.0) / IN_PROCESS_ATTEMPTS
     raise TopologyError(
         f"sink.timeout_s (MAHAVISHNU_SINK__TIMEOUT_S) is {sink_timeout_s:g} s: a delivery can be "
         f"held up to {IN_PROCESS_ATTEMPTS} x {sink_timeout_s:g} + {confirm_timeout_s:g} = "
-        f"{held_s:g} s ({IN_PROCESS_ATTEMPTS} in-process store attempts plus the publish "
+        f"{held:g} s ({IN_PROCESS_ATTEMPTS} in-process store attempts plus the publish "
         f"confirm of a retry or dead letter), more than rabbitmq.consumer_timeout_s "
         f"(MAHAVISHNU_RABBITMQ__CONSUMER_TIMEOUT_S), {consumer_timeout_s:g} s; the broker "
         "would take the delivery back and redeliver it. Lower sink.timeout_s to at most "
-        f"{max_timeout_s:g} s, or raise the broker's consumer_timeout and set "
-        "rabbitmq.consumer_timeout_s to match."
+        f"{max_timeout_s:g} s, or raise rabbitmq.consumer_timeout_s (the worker asks for it on "
+        "its consumer; RabbitMQ before 3.12 and 4.0 to 4.2 ignore that: raise the broker's "
+        "consumer_timeout to match)."
     )
-
-
-def _normalised(definition: Any) -> dict[str, Any]:
-    # An empty policy definition is `[]` in some RabbitMQ versions' JSON.
-    if not isinstance(definition, Mapping):
-        return {}
-    return {str(k).removeprefix("x-"): v for k, v in definition.items()}
-
-
-_SETTING_OF = {
-    "dead-letter-exchange": "rabbitmq.exchange (its .dlx)",
-    "dead-letter-routing-key": "rabbitmq.dead_letter_queue",
-    "delivery-limit": "rabbitmq.delivery_limit",
-    "dead-letter-strategy": "rabbitmq.queue_type",
-    "overflow": "rabbitmq.queue_type",
-}
-
-
-def queue_problems(queue: Mapping[str, Any], topology: Topology) -> list[str]:
-    """Differences between the management API's queue object and the work queue we expect.
-
-    `queue` is the JSON of `GET /api/queues/<vhost>/<name>`: `type`, `arguments`, `policy`
-    and `effective_policy_definition` (operator policies included). A policy key that
-    disagrees is reported even when the queue's own argument takes precedence, because the
-    operator's intent and the worker's disagree either way.
-    """
-    problems: list[str] = []
-    name = topology.queue
-    actual_type = queue.get("type")
-    if actual_type != topology.queue_type:
-        problems.append(
-            f"queue {name!r} is of type {actual_type!r}, settings expect "
-            f"{topology.queue_type!r} (rabbitmq.queue_type, MAHAVISHNU_RABBITMQ__QUEUE_TYPE)"
-        )
-    expected = {
-        k.removeprefix("x-"): v
-        for k, v in topology.work_queue_arguments().items()
-        if k != "x-queue-type"
-    }
-    arguments = _normalised(queue.get("arguments"))
-    for key, want in expected.items():
-        have = arguments.get(key)
-        if have != want:
-            shown = "is not set" if key not in arguments else f"is {have!r}"
-            problems.append(
-                f"queue {name!r}: argument x-{key} {shown}, settings expect {want!r} "
-                f"({_SETTING_OF.get(key, 'rabbitmq')})"
-            )
-    policy = queue.get("policy") or queue.get("operator_policy") or "?"
-    for key, have in _normalised(queue.get("effective_policy_definition")).items():
-        if key in expected and have != expected[key]:
-            problems.append(
-                f"queue {name!r}: policy {policy!r} sets {key} to {have!r}, settings expect "
-                f"{expected[key]!r} ({_SETTING_OF.get(key, 'rabbitmq')})"
-            )
-    return problems
-
-
-def management_queue_url(management_url: str, amqp_url: str, queue: str) -> httpx.URL:
-    """`<management>/api/queues/<vhost>/<queue>` for the vhost of the AMQP URL, credentials kept."""
-    path = urlparse(amqp_url).path
-    vhost = unquote(path[1:]) if len(path) > 1 else "/"
-    base = httpx.URL(management_url)
-    prefix = base.path.rstrip("/")
-    return base.copy_with(
-        path=f"{prefix}/api/queues/{quote(vhost, safe='')}/{quote(queue, safe='')}"
-    )
-
-
-async def check_queue_policies(
-    management_url: str,
-    amqp_url: str,
-    topology: Topology,
-    transport: httpx.AsyncBaseTransport | None = None,
-) -> None:
-    """Read the work queue from the management API; raise `TopologyError` on a difference.
-
-    An unreachable management API is only warned about: it is an aid, not a dependency.
-    """
-    url = management_queue_url(management_url, amqp_url, topology.queue)
-    auth = httpx.BasicAuth(url.username, url.password) if url.username else None
-    bare = url.copy_with(username=None, password=None)
-    shown = masked(management_url)
-    try:
-        async with httpx.AsyncClient(transport=transport, timeout=MANAGEMENT_TIMEOUT_S) as client:
-            response = await client.get(bare, auth=auth)
-    except httpx.HTTPError as exc:
-        log.warning("management_api_unreachable", url=shown, error=repr(exc))
-        return
-    if response.status_code in (401, 403):
-        raise TopologyError(
-            f"the management API at {shown} refused rabbitmq.management_url's credentials "
-            f"(HTTP {response.status_code}); the user needs the monitoring tag"
-        )
-    if response.status_code != 200:
-        log.warning("management_api_failed", url=shown, status=response.status_code)
-        return
-    problems = queue_problems(response.json(), topology)
-    if problems:
-        raise TopologyError(
-            "the broker's queue disagrees with the settings:\n  " + "\n  ".join(problems)
-        )
 
 
 class Finding(NamedTuple):
@@ -267,16 +193,20 @@ async def _check_topology(
                 missing.append(queue)
                 continue
             await topology.declare_queue(connection, queue, arguments)
-        mq = settings.rabbitmq
-        if mq.management_url is not None:
-            await check_queue_policies(mq.management_url.get_secret_value(), mq.urls[0], topology)
+        warnings = (
+            []
+            if topology.queue in missing
+            else await _compare_queue(settings, topology, connection)
+        )
     except TopologyError as exc:
         return Finding(name, str(exc), EXIT_CONFIG)
     if missing and not settings.rabbitmq.declare:
         problem = f"missing (rabbitmq.declare is off): {', '.join(missing)}"
         return Finding(name, problem, EXIT_CONFIG)
-    note = f" ({len(missing)} to be declared by run)" if missing else ""
-    return Finding(name + note, None)
+    notes = [f"{len(missing)} to be declared by run"] if missing else []
+    # Warnings do not stop `run`, so they do not fail `check` either: they ride on the name.
+    notes += [f"warning: {w}" for w in warnings]
+    return Finding(name + "".join(f" ({n})" for n in notes), None)
 
 
 async def _check_sink(settings: Settings) -> Finding:

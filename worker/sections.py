@@ -118,8 +118,10 @@ class RabbitMQSettings(BaseModel):
         default=1800.0,
         gt=0,
         le=7 * 86_400,
-        description="The broker's consumer_timeout (RabbitMQ's default: 30 min)",
+        description="Asked for on the worker's consumer; else the broker's consumer_timeout",
     )
+    #: 4.3+ quorum queues: the consumer-disconnected-timeout the preflight expects; null: none.
+    consumer_disconnected_timeout_s: float | None = Field(default=15.0, ge=0, le=86_400)
     management_url: SecretStr | None = Field(
         default=None,
         description="RabbitMQ management API, e.g. http://user:pass@host:15672, to check policies",

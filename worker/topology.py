@@ -51,6 +51,7 @@ class Topology:
     queue_type: str
     delivery_limit: int
     tiers: tuple[Tier, ...]
+    consumer_timeout_s: float = 1800.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Topology:
@@ -66,6 +67,7 @@ class Topology:
             queue_type=mq.queue_type,
             delivery_limit=mq.delivery_limit,
             tiers=tiers,
+            consumer_timeout_s=mq.consumer_timeout_s,
         )
 
     def tier_for(self, delay_s: float) -> Tier:
@@ -99,6 +101,15 @@ class Topology:
         args = self._durable_args(self.exchange, self.queue)
         args["x-message-ttl"] = int(tier.delay_s * 1000)
         return args
+
+    def consumer_arguments(self) -> dict[str, Any]:
+        """Arguments of the worker's `basic.consume` on the work queue.
+
+        Its own consumer timeout, which RabbitMQ 3.12+ and 4.3+ apply over the queue's and the
+        global one: the worker knows how long it holds a delivery (`worker.queue_compare`), so
+        a shorter policy cannot take deliveries back mid-store. 3.10 and 4.0 to 4.2 ignore it.
+        """
+        return {"x-consumer-timeout": round(self.consumer_timeout_s * 1000)}
 
     def dead_letter_queue_arguments(self) -> dict[str, Any]:
         """Arguments of the DLQ."""

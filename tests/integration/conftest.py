@@ -23,6 +23,9 @@ URL_ENV = "MEMORY_WORKER_TEST_AMQP_URL"
 LOCAL_URL = "amqp://guest:guest@127.0.0.1:5672/"
 #: The testcontainers image per $MEMORY_WORKER_TEST_RABBITMQ ("" when it is unset).
 IMAGES = {"": "rabbitmq:3.13-management", "4.3": "rabbitmq:4.3-management"}
+MANAGEMENT_URL_ENV = "MEMORY_WORKER_TEST_MANAGEMENT_URL"
+#: The management API of the session's broker, when the session started one that has it.
+_MANAGEMENT_URLS: list[str] = []
 REDIS_URL_ENV = "MEMORY_WORKER_TEST_REDIS_URL"
 LOCAL_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -75,6 +78,7 @@ def amqp_url() -> Iterator[str]:
         except BrokerNodeError as exc:  # asked for explicitly, so never skipped
             pytest.fail(str(exc))
         with BrokerNode(management=True, install=install) as node, rabbitmqctl_for(node.ctl):
+            _MANAGEMENT_URLS.append(node.management_url)
             yield node.amqp_url
         return
     if _answers(LOCAL_URL):
@@ -84,6 +88,16 @@ def amqp_url() -> Iterator[str]:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def management_url(amqp_url: str) -> str:
+    """The session broker's management API: $MEMORY_WORKER_TEST_MANAGEMENT_URL, else the
+    private node's; skipped otherwise (the machine's broker runs without the plugin)."""
+    url = os.environ.get(MANAGEMENT_URL_ENV) or next(iter(_MANAGEMENT_URLS), None)
+    if url is None:
+        pytest.skip(f"the broker has no management API here: set {MANAGEMENT_URL_ENV}")
+    return url
 
 
 def _exec(container: Any) -> Ctl:

@@ -1,21 +1,36 @@
-"""Preflight against a real broker: refused settings exit 78 before anything is consumed."""
+"""Preflight against a real broker: refused settings exit 78 before anything is consumed; on
+4.3 the queue's consumer timeouts, disconnected timeout and delivery limit as the broker applies
+them (those tests need the management API: a private node, MEMORY_WORKER_TEST_RABBITMQ=4.3)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
 
+import httpx
 import pytest
+from structlog.testing import capture_logs
 
 from tests.integration.helpers import (
     depth,
+    has_rabbitmqctl,
     publish_items,
+    rabbitmqctl,
     start_worker_process,
     wait_until,
     worker_env,
 )
 from worker.exitcodes import EXIT_CONFIG
+from worker.management import management_queue_url
+from worker.preflight import broker_version, check
 from worker.service import Service
-from worker.testing import StandIn
+from worker.testing import StandIn, StandInConfig
 
 pytestmark = pytest.mark.integration
 
@@ -56,3 +71,132 @@ async def test_management_api_that_does_not_answer_does_not_stop_the_worker(
         async with Service(settings):
             await wait_until(lambda: sb.stats.distinct_keys == 3)
     assert await depth(connection, settings.rabbitmq.queue) == 0
+
+
+async def consumer_arguments(queue: str) -> str:
+    """The arguments column of `rabbitmqctl list_consumers` for `queue`'s consumers."""
+    listing = await rabbitmqctl("list_consumers", "queue_name", "arguments")
+    return "\n".join(row for row in listing.splitlines() if row.startswith(queue + "\t"))
+
+
+async def test_the_worker_asks_for_its_own_consumer_timeout(make_settings, connection):
+    """Its basic.consume carries x-consumer-timeout = rabbitmq.consumer_timeout_s in ms, which
+    3.10 accepts and ignores and 4.3 applies over the queue's and the global timeout."""
+    if not has_rabbitmqctl():
+        if os.environ.get("CI"):
+            pytest.fail("rabbitmqctl is needed to list the worker's consumer")
+        pytest.skip("needs rabbitmqctl for the broker under test")
+    async with StandIn() as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url}, rabbitmq={"consumer_timeout_s": 1234.5}
+        )
+        await publish_items(connection, settings, 2)
+        async with Service(settings):
+            await wait_until(lambda: sb.stats.distinct_keys == 2)
+            shown = await consumer_arguments(settings.rabbitmq.queue)
+    assert "x-consumer-timeout" in shown and "1234500" in shown, shown
+
+
+@contextlib.asynccontextmanager
+async def policy(queue: str, definition: dict[str, Any]) -> AsyncIterator[None]:
+    """A policy on exactly `queue` (nothing else on the broker matches it), cleared after."""
+    name = f"mw-test-{uuid.uuid4().hex[:8]}"
+    pattern = "^" + re.escape(queue) + "$"
+    await rabbitmqctl("set_policy", name, pattern, json.dumps(definition), "--apply-to", "queues")
+    try:
+        yield
+    finally:
+        await rabbitmqctl("clear_policy", name)
+
+
+async def version_of(connection) -> tuple[int, ...]:
+    """The version of the broker under test, from its AMQP handshake."""
+    version = broker_version(connection)
+    assert version is not None
+    return version
+
+
+async def needs_4_3(connection) -> None:
+    """Skip on brokers before 4.3: what the test shows is 4.3's behaviour."""
+    if await version_of(connection) < (4, 3):
+        pytest.skip("RabbitMQ 4.3 behaviour: run with MEMORY_WORKER_TEST_RABBITMQ=4.3")
+
+
+async def test_a_short_queue_policy_cannot_take_a_delivery_back_on_4_3(
+    make_settings, connection, management_url
+):
+    """A policy's 2 s consumer timeout on the queue, stores of 5 s: on 4.3 the worker's own
+    x-consumer-timeout wins, each item is stored once and never redelivered, and the start
+    names the short policy as a warning."""
+    await needs_4_3(connection)
+    async with StandIn(StandInConfig(latency_s=5.0)) as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url},
+            rabbitmq={"management_url": management_url},
+            sink={"timeout_s": 20},
+        )
+        await publish_items(connection, settings, 2)
+        async with policy(settings.rabbitmq.queue, {"consumer-timeout": 2000}):
+            with capture_logs() as logs:
+                async with Service(settings) as service:
+                    await wait_until(lambda: service.metrics.counts["ack"] == 2, 30)
+    assert sb.stats.calls == 2 and sb.stats.duplicates == 0
+    events = [entry["event"] for entry in logs]
+    assert "consumer_cancelled_by_broker" not in events, events
+    warnings = [e["detail"] for e in logs if e["event"] == "broker_disagrees_with_settings"]
+    [warning] = [w for w in warnings if "consumer timeout" in w]
+    assert "sets the consumer timeout to 2 s" in warning and "applies the worker's own" in warning
+    assert await depth(connection, settings.rabbitmq.queue) == 0
+
+
+async def test_check_reports_the_disconnected_timeout_until_a_policy_sets_it(
+    make_settings, connection, management_url
+):
+    """On 4.3 `check` passes but warns while the broker default (60 s) applies, and is quiet
+    once a policy sets consumer-disconnected-timeout to the settings' 15 s."""
+    await needs_4_3(connection)
+    async with StandIn() as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url}, rabbitmq={"management_url": management_url}
+        )
+        await publish_items(connection, settings, 1)
+        before = await check(settings)
+        async with policy(settings.rabbitmq.queue, {"consumer-disconnected-timeout": 15000}):
+            after = await check(settings)
+    [queues_before] = [f for f in before if f.name.startswith("queues of")]
+    [queues_after] = [f for f in after if f.name.startswith("queues of")]
+    assert queues_before.problem is None and queues_after.problem is None
+    assert "warning:" in queues_before.name and "60 s" in queues_before.name
+    assert "consumer-disconnected-timeout" in queues_before.name
+    assert "warning" not in queues_after.name
+
+
+async def statistics_shown(management_url: str, queue: str) -> None:
+    """Wait until the management API's view of `queue` has its statistics (its policy field)."""
+    api = management_queue_url(management_url, "amqp://h/", queue)
+    auth = (api.username, api.password)
+    async with httpx.AsyncClient(auth=auth) as http:
+        for _ in range(150):
+            if "policy" in (await http.get(api.copy_with(username=None, password=None))).json():
+                return
+            await asyncio.sleep(0.1)
+    raise AssertionError(f"the management API never showed statistics for {queue}")
+
+
+async def test_a_delivery_limit_policy_set_just_before_the_start_is_not_missed(
+    make_settings, connection, management_url
+):
+    """A policy lowering the delivery limit to 5 set a moment before `check`, while the
+    management API's view of the queue still shows none (it lags a statistics pass): refused,
+    naming it, since the worker resolves the policy list itself."""
+    async with StandIn() as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url}, rabbitmq={"management_url": management_url}
+        )
+        await publish_items(connection, settings, 1)
+        await statistics_shown(management_url, settings.rabbitmq.queue)
+        async with policy(settings.rabbitmq.queue, {"delivery-limit": 5}):
+            found = await check(settings)
+    [queues] = [f for f in found if f.name.startswith("queues of")]
+    assert queues.code == EXIT_CONFIG and queues.problem is not None
+    assert "delivery" in queues.problem and "5" in queues.problem, queues.problem

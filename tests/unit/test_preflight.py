@@ -11,14 +11,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from worker.broker import CONFIRM_TIMEOUT_S
-from worker.preflight import (
-    check_consumer_timeout,
-    check_queue_policies,
-    check_settings,
-    management_queue_url,
-    prepare_broker,
-    queue_problems,
-)
+from worker.management import check_queue_policies, management_queue_url
+from worker.preflight import check_consumer_timeout, check_settings, prepare_broker
+from worker.queue_compare import queue_problems
 from worker.settings import Settings
 from worker.topology import Topology, TopologyError
 
@@ -196,19 +191,22 @@ async def test_check_queue_policies_reads_with_basic_auth_and_refuses_on_a_diffe
         await check_queue_policies(
             "http://m:pw@mq:15672", "amqp://g:g@mq/", topo, transport=mock(200, body, seen)
         )
-    [request] = seen
-    assert request.url.raw_path.decode() == f"/api/queues/%2F/{topo.queue}"
-    assert request.headers["authorization"] == "Basic " + base64.b64encode(b"m:pw").decode()
-    assert "pw" not in str(request.url)
+    # The queue, then the policy lists (this mock answers those with the queue: unreadable).
+    queue_request, policies_request = seen
+    assert queue_request.url.raw_path.decode() == f"/api/queues/%2F/{topo.queue}"
+    assert policies_request.url.raw_path.decode() == "/api/policies/%2F"
+    for request in seen:
+        assert request.headers["authorization"] == "Basic " + base64.b64encode(b"m:pw").decode()
+        assert "pw" not in str(request.url)
 
 
 async def test_check_queue_policies_passes_an_agreeing_queue() -> None:
-    """A queue that agrees with the settings passes after one GET."""
+    """A queue that agrees with the settings passes after reading it and its policies."""
     topo = topology()
     seen: list[httpx.Request] = []
     transport = mock(200, queue_json(topo), seen)
     await check_queue_policies("http://m:pw@mq:15672", "amqp://g:g@mq/", topo, transport=transport)
-    assert len(seen) == 1
+    assert len(seen) == 2
 
 
 async def test_check_queue_policies_refuses_bad_credentials() -> None:
