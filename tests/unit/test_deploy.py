@@ -144,13 +144,20 @@ def test_scaledobject_reads_the_work_queue_over_http(configmap) -> None:
     assert {ref["name"] for ref in auth["spec"]["secretTargetRef"]} <= secrets
 
 
+def test_compose_runs_the_rabbitmq_the_tests_run_on(compose) -> None:
+    """The compose broker is a 4.3-or-later management image, as `make test-rabbitmq4` tests."""
+    image = compose["services"]["rabbitmq"]["image"]
+    match = re.fullmatch(r"rabbitmq:(\d+)\.(\d+)(?:\.\d+)?-management", image)
+    assert match is not None, image
+    assert (int(match[1]), int(match[2])) >= (4, 3), image
+
+
 def test_compose_workers_keep_the_exit_78_wrapper_and_agree_on_ports(compose, defaults) -> None:
     """Two workers, each with the exit-78 wrapper, an ops port Prometheus scrapes and publishes."""
     services = compose["services"]
     assert {"rabbitmq", "session-buddy", "worker-1", "worker-2", "prometheus", "grafana"} <= set(
         services
     )
-    assert services["rabbitmq"]["image"].startswith("rabbitmq:4.")
     (prom_doc,) = load_yaml_documents(DEPLOY / "prometheus" / "prometheus.yml")
     jobs = {job["job_name"]: job for job in prom_doc["scrape_configs"]}
     targets = {t for c in jobs["memory-worker"]["static_configs"] for t in c["targets"]}
