@@ -64,7 +64,10 @@ async def _policies(client: httpx.AsyncClient, urls: list[httpx.URL], auth: Auth
     lists = []
     for url in urls:
         response = await client.get(url, auth=auth)
-        body = response.json() if response.status_code == 200 else None
+        try:
+            body = response.json() if response.status_code == 200 else None
+        except ValueError:  # not JSON: a proxy's page, say
+            body = None
         if not isinstance(body, list):
             return None
         lists.append(body)

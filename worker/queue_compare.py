@@ -1,11 +1,13 @@
 """The work queue as the broker applies it, against the settings: pure, unit-tested comparisons.
 
 Input is the management API's JSON of `GET /api/queues/<vhost>/<name>` (`type`, `arguments`,
-`policy`, `effective_policy_definition`, on 4.x `delivery_limit`) and the broker's version;
-`worker.management` reads them. A problem stops the worker (exit 78); a warning is logged.
+`policy`, `effective_policy_definition`, on 4.x `delivery_limit`), its policy fields resolved
+afresh from the policy lists where those can be read (`with_live_policies`), and the broker's
+version; `worker.management` reads them. A problem stops the worker (exit 78); a warning is
+logged.
 
-Which consumer timeout RabbitMQ applies to a delivery (its docs; observed on 3.10.8, 4.0.5
-and 4.3.6 on the test machine):
+Which consumer timeout RabbitMQ applies to a delivery (its docs and release notes; 4.0.5 and
+4.3.6 as observed on the test machine):
 
 | version | the timeout that applies |
 |---|---|
