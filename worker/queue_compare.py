@@ -57,6 +57,14 @@ def consumer_argument_applies(version: Version | None) -> bool:
     return version is not None and ((3, 11, 15) <= version < (4,) or version >= (4, 3))
 
 
+def _queue_timeout_applies(version: Version | None, queue_type: Any) -> bool:
+    """Whether a queue's own consumer timeout is enforced (unknown version: assume so)."""
+    if version is None:
+        return True
+    # 4.3 enforces consumer timeouts on quorum queues only.
+    return version >= (3, 11, 15) and (version < (4, 3) or queue_type == "quorum")
+
+
 @dataclass(frozen=True, slots=True)
 class Expected:
     """What the worker needs of the broker beyond the queue's declaration."""
@@ -207,9 +215,9 @@ def consumer_timeout_findings(
 ) -> tuple[list[str], list[str]]:
     """Problems and warnings when the queue's consumer timeout is shorter than a delivery lasts."""
     found = queue_value_ms(queue, "consumer-timeout")
-    version = expected.version
-    if found is None or (version is not None and version < (3, 11, 15)):
-        return [], []  # the broker applies no per-queue timeout (or none is set)
+    version, queue_type = expected.version, queue.get("type")
+    if found is None or not _queue_timeout_applies(version, queue_type):
+        return [], []
     timeout_s, source = found[0] / 1000, found[1]
     if timeout_s >= expected.held_s:
         return [], []
@@ -218,7 +226,8 @@ def consumer_timeout_findings(
         f"less than the {expected.held_s:g} s the worker can hold a delivery "
         f"({IN_PROCESS_ATTEMPTS} x sink.timeout_s + the publish confirm)"
     )
-    if consumer_argument_applies(version):
+    # The worker sends its own on quorum queues only (Topology.consumer_arguments).
+    if consumer_argument_applies(version) and queue_type == "quorum":
         return [], [
             f"{said}; RabbitMQ {expected.shown_version} applies the worker's own "
             f"x-consumer-timeout ({expected.consumer_timeout_s:g} s, "

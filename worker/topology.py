@@ -105,10 +105,13 @@ class Topology:
     def consumer_arguments(self) -> dict[str, Any]:
         """Arguments of the worker's `basic.consume` on the work queue.
 
-        Its own consumer timeout, which RabbitMQ 3.12+ and 4.3+ apply over the queue's and the
-        global one: the worker knows how long it holds a delivery (`worker.queue_compare`), so
-        a shorter policy cannot take deliveries back mid-store. 3.10 and 4.0 to 4.2 ignore it.
+        On a quorum queue, its own consumer timeout, which RabbitMQ 3.12+ and 4.3+ apply over
+        the queue's and the global one: the worker knows how long it holds a delivery
+        (`worker.queue_compare`), so a shorter policy cannot take deliveries back mid-store.
+        3.10 and 4.0 to 4.2 ignore it; 4.3 refuses it on a classic queue (PRECONDITION_FAILED).
         """
+        if self.queue_type != "quorum":
+            return {}
         return {"x-consumer-timeout": round(self.consumer_timeout_s * 1000)}
 
     def dead_letter_queue_arguments(self) -> dict[str, Any]:

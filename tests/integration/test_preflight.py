@@ -97,6 +97,21 @@ async def test_the_worker_asks_for_its_own_consumer_timeout(make_settings, conne
     assert "x-consumer-timeout" in shown and "1234500" in shown, shown
 
 
+async def test_a_classic_work_queue_is_consumed_without_a_consumer_timeout_argument(
+    make_settings, connection
+):
+    """With queue_type classic the worker sends no x-consumer-timeout (4.3 refuses it on a
+    classic queue) and stores every item, on 3.10 and 4.3 alike."""
+    async with StandIn() as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url}, rabbitmq={"queue_type": "classic"}
+        )
+        await publish_items(connection, settings, 3)
+        async with Service(settings):
+            await wait_until(lambda: sb.stats.distinct_keys == 3)
+    assert await depth(connection, settings.rabbitmq.queue) == 0
+
+
 @contextlib.asynccontextmanager
 async def policy(queue: str, definition: dict[str, Any]) -> AsyncIterator[None]:
     """A policy on exactly `queue` (nothing else on the broker matches it), cleared after."""

@@ -222,10 +222,22 @@ def test_findings_gather_problems_and_warnings() -> None:
 
 
 def test_the_worker_asks_for_its_consumer_timeout_on_basic_consume() -> None:
-    """The consume arguments carry rabbitmq.consumer_timeout_s in milliseconds."""
+    """The consume arguments carry rabbitmq.consumer_timeout_s in milliseconds on a quorum
+    queue, and nothing on a classic one (4.3 refuses the argument there)."""
     settings = Settings(rabbitmq={"consumer_timeout_s": 600.5})
     assert Topology.from_settings(settings).consumer_arguments() == {"x-consumer-timeout": 600_500}
     assert topology().consumer_arguments() == {"x-consumer-timeout": 1_800_000}
+    classic = Settings(rabbitmq={"queue_type": "classic"})
+    assert Topology.from_settings(classic).consumer_arguments() == {}
+
+
+@pytest.mark.parametrize(("version", "refused"), [(V4_3, False), ((3, 13, 7), True)])
+def test_a_classic_queues_short_timeout_counts_where_enforced(version: Any, refused: bool) -> None:
+    """The worker sends no timeout of its own on a classic queue: 3.13 enforces the queue's
+    (a problem), 4.3 enforces none on classic queues (nothing said)."""
+    queue = queue_json(type="classic", policy="p", definition={"consumer-timeout": 10_000})
+    problems, warnings = consumer_timeout_findings(queue, expected(version))
+    assert (len(problems) == 1) is refused and warnings == []
 
 
 def test_expectations_come_from_the_settings_and_the_handshake() -> None:
