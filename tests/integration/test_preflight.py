@@ -80,8 +80,7 @@ async def consumer_arguments(queue: str) -> str:
 
 
 async def test_the_worker_asks_for_its_own_consumer_timeout(make_settings, connection):
-    """Its basic.consume carries x-consumer-timeout = rabbitmq.consumer_timeout_s in ms, which
-    3.10 accepts and ignores and 4.3 applies over the queue's and the global timeout."""
+    """The worker's basic.consume carries x-consumer-timeout = consumer_timeout_s in ms."""
     if not has_rabbitmqctl():
         if os.environ.get("CI"):
             pytest.fail("rabbitmqctl is needed to list the worker's consumer")
@@ -100,8 +99,7 @@ async def test_the_worker_asks_for_its_own_consumer_timeout(make_settings, conne
 async def test_a_classic_work_queue_is_consumed_without_a_consumer_timeout_argument(
     make_settings, connection
 ):
-    """With queue_type classic the worker sends no x-consumer-timeout (4.3 refuses it on a
-    classic queue) and stores every item, on 3.10 and 4.3 alike."""
+    """A classic work queue is consumed without x-consumer-timeout, which 4.3 refuses there."""
     async with StandIn() as sb:
         settings = make_settings(
             pools={"session_buddy_url": sb.url}, rabbitmq={"queue_type": "classic"}
@@ -140,9 +138,7 @@ async def needs_4_3(connection) -> None:
 async def test_a_short_queue_policy_cannot_take_a_delivery_back_on_4_3(
     make_settings, connection, management_url
 ):
-    """A policy's 2 s consumer timeout on the queue, stores of 5 s: on 4.3 the worker's own
-    x-consumer-timeout wins, each item is stored once and never redelivered, and the start
-    names the short policy as a warning."""
+    """On 4.3 a 2 s consumer-timeout policy cannot take back 5 s stores: one call each, warned."""
     await needs_4_3(connection)
     async with StandIn(StandInConfig(latency_s=5.0)) as sb:
         settings = make_settings(
@@ -167,8 +163,7 @@ async def test_a_short_queue_policy_cannot_take_a_delivery_back_on_4_3(
 async def test_check_reports_the_disconnected_timeout_until_a_policy_sets_it(
     make_settings, connection, management_url
 ):
-    """On 4.3 `check` passes but warns while the broker default (60 s) applies, and is quiet
-    once a policy sets consumer-disconnected-timeout to the settings' 15 s."""
+    """On 4.3 `check` warns about the disconnected timeout until a policy sets 15 s."""
     await needs_4_3(connection)
     async with StandIn() as sb:
         settings = make_settings(
@@ -201,9 +196,7 @@ async def statistics_shown(management_url: str, queue: str) -> None:
 async def test_a_delivery_limit_policy_set_just_before_the_start_is_not_missed(
     make_settings, connection, management_url
 ):
-    """A policy lowering the delivery limit to 5 set a moment before `check`, while the
-    management API's view of the queue still shows none (it lags a statistics pass): refused,
-    naming it, since the worker resolves the policy list itself."""
+    """A delivery-limit policy set a moment before `check`, unseen in the queue view, is refused."""
     async with StandIn() as sb:
         settings = make_settings(
             pools={"session_buddy_url": sb.url}, rabbitmq={"management_url": management_url}

@@ -222,8 +222,7 @@ def test_findings_gather_problems_and_warnings() -> None:
 
 
 def test_the_worker_asks_for_its_consumer_timeout_on_basic_consume() -> None:
-    """The consume arguments carry rabbitmq.consumer_timeout_s in milliseconds on a quorum
-    queue, and nothing on a classic one (4.3 refuses the argument there)."""
+    """A quorum queue's consume carries consumer_timeout_s in ms; a classic one's nothing."""
     settings = Settings(rabbitmq={"consumer_timeout_s": 600.5})
     assert Topology.from_settings(settings).consumer_arguments() == {"x-consumer-timeout": 600_500}
     assert topology().consumer_arguments() == {"x-consumer-timeout": 1_800_000}
@@ -233,8 +232,7 @@ def test_the_worker_asks_for_its_consumer_timeout_on_basic_consume() -> None:
 
 @pytest.mark.parametrize(("version", "refused"), [(V4_3, False), ((3, 13, 7), True)])
 def test_a_classic_queues_short_timeout_counts_where_enforced(version: Any, refused: bool) -> None:
-    """The worker sends no timeout of its own on a classic queue: 3.13 enforces the queue's
-    (a problem), 4.3 enforces none on classic queues (nothing said)."""
+    """A classic queue's short timeout is a problem on 3.13, which enforces it; not on 4.3."""
     queue = queue_json(type="classic", policy="p", definition={"consumer-timeout": 10_000})
     problems, warnings = consumer_timeout_findings(queue, expected(version))
     assert (len(problems) == 1) is refused and warnings == []
@@ -256,8 +254,7 @@ def api(
     policies: list[Any] | None = None,
     operator_policies: list[Any] | None = None,
 ) -> httpx.MockTransport:
-    """A management API: each queue GET answers the next body (the last one repeats); the
-    policy lists answer 403 unless given. Queue requests land in `seen`."""
+    """A management API: queue GETs answer the bodies in turn, policy lists 403 unless given."""
 
     def handle(request: httpx.Request) -> httpx.Response:
         path = request.url.path
@@ -294,8 +291,7 @@ def listed(name: str, definition: dict[str, Any], **fields: Any) -> dict[str, An
 
 
 async def test_a_policy_set_a_moment_ago_is_read_from_the_policy_list() -> None:
-    """The queue object still shows no policy (it lags a statistics pass, ~10 s on 4.3.6);
-    the live list has one lowering the delivery limit: refused, after one read of the queue."""
+    """A policy the stale queue view lacks is read from the live list and refused at once."""
     seen: list[httpx.Request] = []
     stale = queue_json(delivery_limit=20)
     transport = api(stale, seen=seen, policies=[listed("p1", {"delivery-limit": 5})])
@@ -313,8 +309,7 @@ async def test_a_policy_cleared_a_moment_ago_no_longer_refuses() -> None:
 
 
 def test_live_policies_resolve_as_the_broker_does() -> None:
-    """Highest priority wins, apply-to and an unanchored pattern filter, a bad regex is skipped,
-    and an operator policy's numeric limit lowers the user policy's."""
+    """Priority, apply-to and pattern pick the policy; an operator policy lowers its limits."""
     policies = [
         listed("low", {"delivery-limit": 9}, priority=1),
         listed("high", {"delivery-limit": 8, "consumer-timeout": 5000}, priority=5),
@@ -342,8 +337,7 @@ def test_a_quorum_only_policy_applies_to_the_quorum_work_queue() -> None:
 
 
 async def test_a_4x_queue_is_read_again_until_its_delivery_limit_shows() -> None:
-    """Without readable policy lists, a queue declared seconds before the start is read again
-    until its delivery_limit shows, then compared (here an operator's 3)."""
+    """Without policy lists a 4.x queue is read again until delivery_limit shows, then compared."""
     seen: list[httpx.Request] = []
     transport = api(queue_json(), queue_json(), queue_json(delivery_limit=3), seen=seen)
     with pytest.raises(TopologyError, match="delivery limit of 3"):
