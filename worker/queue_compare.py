@@ -251,17 +251,15 @@ def disconnected_timeout_warning(queue: Mapping[str, Any], expected: Expected) -
         return None
     if found is None:
         have = (
-            "no argument or policy sets it, so the broker's consumer_disconnected_timeout "
-            f"applies ({BROKER_DISCONNECTED_TIMEOUT_S:g} s unless rabbitmq.conf sets another)"
+            f"is the broker's consumer_disconnected_timeout ({BROKER_DISCONNECTED_TIMEOUT_S:g} s "
+            "unless rabbitmq.conf sets another)"
         )
     else:
-        have = f"{found[1]} sets it to {found[0] / 1000:g} s"
+        have = f"is {found[0] / 1000:g} s ({found[1]})"
     return (
-        f"queue {queue.get('name')!r}: consumer-disconnected-timeout: {have}; settings expect "
-        f"{want_s:g} s (rabbitmq.consumer_disconnected_timeout_s), how long the deliveries of "
-        "a consumer whose node was lost stay unavailable. Set a policy with "
-        f'"consumer-disconnected-timeout": {want_s * 1000:.0f} (deploy/README.md), or the '
-        "setting to the broker's value"
+        f"queue {queue.get('name')!r}: consumer-disconnected-timeout {have}, settings expect "
+        f"{want_s:g} s (rabbitmq.consumer_disconnected_timeout_s): a lost node's deliveries wait "
+        "that long. Set it by policy (deploy/README.md, RabbitMQ versions), or change the setting"
     )
 
 

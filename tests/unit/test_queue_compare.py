@@ -153,12 +153,7 @@ def test_an_unset_disconnected_timeout_on_4_3_is_a_warning_naming_the_broker_def
     """No argument or policy on 4.3: the 60 s broker default applies, the settings want 15 s."""
     warning = disconnected_timeout_warning(queue_json(), expected(V4_3))
     assert warning is not None
-    for part in (
-        "60 s",
-        "15 s",
-        "consumer_disconnected_timeout_s",
-        '"consumer-disconnected-timeout": 15000',
-    ):
+    for part in ("60 s", "15 s", "consumer_disconnected_timeout_s", "by policy"):
         assert part in warning, part
 
 
@@ -172,10 +167,7 @@ def test_a_disconnected_timeout_argument_that_differs_is_named() -> None:
     """An x-consumer-disconnected-timeout argument of 60 s is reported as the argument's."""
     queue = queue_json(arguments={"x-consumer-disconnected-timeout": 60_000})
     warning = disconnected_timeout_warning(queue, expected(V4_3))
-    assert (
-        warning is not None
-        and "argument x-consumer-disconnected-timeout sets it to 60 s" in warning
-    )
+    assert warning is not None and "is 60 s (argument x-consumer-disconnected-timeout)" in warning
 
 
 @pytest.mark.parametrize(
