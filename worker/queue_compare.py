@@ -168,8 +168,8 @@ def queue_problems(queue: Mapping[str, Any], topology: Topology) -> list[str]:
     """Differences between the management API's queue object and the work queue we expect.
 
     A policy key that disagrees is reported even when the queue's own argument takes
-    precedence, because the operator's intent and the worker's disagree either way. On 4.x the
-    broker's own resolution, `delivery_limit`, is compared too (operator policies included).
+    precedence, because the operator's intent and the worker's disagree either way. Where the
+    queue object has 4.x's `delivery_limit`, the broker's own resolution, it is compared too.
     """
     problems: list[str] = []
     name = topology.queue
@@ -234,8 +234,8 @@ def consumer_timeout_findings(
             "rabbitmq.consumer_timeout_s) instead"
         ]
     return [
-        f"{said}: RabbitMQ {expected.shown_version} ignores the worker's own x-consumer-timeout "
-        "and would take the delivery back and redeliver it. Raise it to at least "
+        f"{said}: RabbitMQ {expected.shown_version} applies it to the worker's consumer and would "
+        "take the delivery back and redeliver it. Raise it to at least "
         f"{expected.held_s * 1000:.0f} ms, or lower sink.timeout_s (MAHAVISHNU_SINK__TIMEOUT_S)"
     ], []
 
