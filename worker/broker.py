@@ -2,11 +2,14 @@
 
 Every connection names itself (`memory-worker [purpose] <worker id>`), so `rabbitmqctl
 list_connections client_properties` and the management UI tell the worker from its tools.
+A worker also advertises its ops URL and queue there, so the console finds it (`advertise`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
+from collections.abc import Mapping
 from typing import Literal, overload
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -26,6 +29,9 @@ CONFIRM_TIMEOUT_S = 30.0
 #: The first and the longest pause between connection attempts while waiting for the broker.
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 10.0
+#: Client properties a worker's connection carries for `memory-worker console` to find it.
+OPS_URL_PROPERTY = "memory_worker_ops_url"
+QUEUE_PROPERTY = "memory_worker_queue"
 
 
 class BrokerUnavailable(Exception):
@@ -79,17 +85,28 @@ async def connect(
     *,
     robust: Literal[True] = True,
     wait: bool = False,
+    properties: Mapping[str, str] | None = None,
 ) -> AbstractRobustConnection: ...
 
 
 @overload
 async def connect(
-    settings: Settings, purpose: str | None = None, *, robust: bool, wait: bool = False
+    settings: Settings,
+    purpose: str | None = None,
+    *,
+    robust: bool,
+    wait: bool = False,
+    properties: Mapping[str, str] | None = None,
 ) -> AbstractConnection: ...
 
 
 async def connect(
-    settings: Settings, purpose: str | None = None, *, robust: bool = True, wait: bool = False
+    settings: Settings,
+    purpose: str | None = None,
+    *,
+    robust: bool = True,
+    wait: bool = False,
+    properties: Mapping[str, str] | None = None,
 ) -> AbstractConnection:
     """Open a connection named for `purpose`; raise `BrokerUnavailable` if none opens.
 
@@ -110,7 +127,7 @@ async def connect(
                 url,
                 timeout=mq.connect_timeout_s,
                 heartbeat=mq.heartbeat_s,
-                client_properties={"connection_name": name},
+                client_properties={**(properties or {}), "connection_name": name},
             )
         except (*CONNECTION_EXCEPTIONS, InvalidFrameError, TimeoutError) as exc:
             if (refused := _refusal(url, exc)) is not None:
@@ -122,3 +139,15 @@ async def connect(
             log.warning("broker_unreachable", url=masked(url), error=repr(exc), retry_in_s=pause_s)
             await asyncio.sleep(pause_s)
             delay_s = min(delay_s * 2, MAX_RETRY_S)
+
+
+def advertise(settings: Settings, ops_port: int | None) -> dict[str, str]:
+    """The client properties that make this worker findable: its ops URL and its queue."""
+    if ops_port is None:
+        return {}
+    host = settings.worker.ops_host
+    if host in ("", "0.0.0.0", "::"):
+        # Bound to every address: the host name is the one others can reach it by.
+        host = socket.gethostname()
+    shown = f"[{host}]" if ":" in host else host
+    return {OPS_URL_PROPERTY: f"http://{shown}:{ops_port}", QUEUE_PROPERTY: settings.rabbitmq.queue}

@@ -230,3 +230,22 @@ class LedgerSettings(BaseModel):
         if value is not None and not value.get_secret_value().startswith(schemes):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+
+class ConsoleSettings(BaseModel):
+    """`memory-worker console`: where it listens, its token, the workers it watches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=9470, ge=0, le=65535)
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token (or login) for the console and the ops port's POSTs; "
+        "required to bind another address than loopback",
+    )
+    workers: list[AnyHttpUrl] = Field(
+        default_factory=list,
+        description="Ops URLs of workers (http://host:9464) where no management API lists them",
+    )
+    replay_rate_per_s: float = Field(default=50.0, gt=0, le=10_000)

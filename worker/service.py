@@ -18,7 +18,7 @@ import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from worker.breaker import CircuitBreaker, State
-from worker.broker import connect, masked
+from worker.broker import advertise, connect, masked
 from worker.consumer import Consumer
 from worker.dispatch import Dispatcher
 from worker.ledger import open_ledger
@@ -85,14 +85,21 @@ class Service:
         structlog.contextvars.bind_contextvars(worker_id=s.worker.id)
         check_settings(s)
         if s.worker.ops_port >= 0:
-            ops = OpsServer(self.metrics, lambda: self.ready, s.worker.ops_host, s.worker.ops_port)
+            ops = OpsServer(
+                self.metrics,
+                lambda: self.ready,
+                s.worker.ops_host,
+                s.worker.ops_port,
+                token=s.console.token,
+            )
             await self._stack.enter_async_context(ops)
             self.ops_port = ops.port
         client = await self._stack.enter_async_context(make_client(s))
         sink = make_sink(s, client)
         await self._stack.enter_async_context(sink)
         await check_sink(sink, s.sink.tool)
-        connection = self._connection = await connect(s, wait=True)
+        advertised = advertise(s, self.ops_port)
+        connection = self._connection = await connect(s, wait=True, properties=advertised)
         self._stack.push_async_callback(connection.close)
         await prepare_broker(s, self.topology, connection)
         ledger = await self._stack.enter_async_context(open_ledger(s, self.metrics))
