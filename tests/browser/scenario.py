@@ -33,6 +33,7 @@ BROKEN = {
     "invalid_encoding": [b"\xff\xfe broken bytes"],
 }
 VALID, REJECTED = 4, 3
+BROKEN_COUNT = sum(len(bodies) for bodies in BROKEN.values())
 
 
 @dataclass
@@ -71,8 +72,7 @@ async def _publish(
         for bodies in BROKEN.values():
             for body in bodies:
                 await publisher.publish_raw(body)
-    broken = sum(len(b) for b in BROKEN.values())
-    await until(lambda: service.metrics.counts["dead_letter"] == REJECTED + broken)
+    await until(lambda: service.metrics.counts["dead_letter"] == REJECTED + BROKEN_COUNT)
     return keys
 
 

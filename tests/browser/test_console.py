@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 from playwright.async_api import expect
 
-from tests.browser.scenario import BROKEN, REJECTED, SCRIPT, VALID, scene, until
+from tests.browser.scenario import BROKEN, BROKEN_COUNT, REJECTED, SCRIPT, VALID, scene, until
 from tests.integration.helpers import depth
 from worker.console.server import ConsoleServer
 from worker.testing import free_port
@@ -36,6 +36,11 @@ async def counts(page: Any) -> dict[str, str]:
 async def test_operator_groups_opens_replays_and_purges(make_settings, connection, browser):
     """Groups count right; a message opens; a replayed group is stored; a typed count purges."""
     async with scene(make_settings, connection) as s:
+        overview = await browser.new_page()
+        await overview.goto(f"{s.console.url}/")
+        dlq_ready = overview.locator('tr[data-role="dead letters"] td.ready')
+        await expect(dlq_ready).to_have_text(str(REJECTED + BROKEN_COUNT))
+        await expect(overview.locator("#workers")).to_contain_text("closed")
         page = await browser.new_page()
         await page.goto(f"{s.console.url}/dlq")
         expected = {reason: str(len(bodies)) for reason, bodies in BROKEN.items()}
@@ -65,6 +70,9 @@ async def test_operator_groups_opens_replays_and_purges(make_settings, connectio
         await page.click("text=Back to the dead letters")
         await expect(page.locator(row("invalid_json"))).to_have_count(0)
         assert await depth(connection, s.settings.rabbitmq.dead_letter_queue) == 2
+        # The overview, open all along in another tab, has followed without a reload.
+        await expect(dlq_ready).to_have_text("2", timeout=TIMEOUT_MS)
+        await expect(overview.locator("#workers td.n").first).not_to_have_text("-")
 
 
 async def test_console_is_safe_to_open(make_settings, connection, browser):
@@ -81,7 +89,7 @@ async def test_console_is_safe_to_open(make_settings, connection, browser):
 
         await _cross_site_post_is_refused(page, s.console.url)
         dlq = s.settings.rabbitmq.dead_letter_queue
-        assert await depth(connection, dlq) == REJECTED + sum(len(b) for b in BROKEN.values())
+        assert await depth(connection, dlq) == REJECTED + BROKEN_COUNT
 
         async with ConsoleServer(s.settings, "127.0.0.1", 0, read_only=True) as read_only:
             await page.goto(f"{read_only.url}/dlq")

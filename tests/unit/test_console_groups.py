@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import httpx
 from prometheus_client import generate_latest
 
 from tests.unit.console_fakes import letter
 from worker.broker import OPS_URL_PROPERTY, QUEUE_PROPERTY, advertise
 from worker.console.groups import group_by_reason, page_of
-from worker.console.queues import History, QueueRow
+from worker.console.queues import History, QueueRow, managed
 from worker.console.workers import advertised, parse_metrics, quantile, view
 from worker.metrics import Metrics
 from worker.settings import load_settings
+from worker.topology import Topology
 
 
 def test_groups_count_each_reason_largest_first() -> None:
@@ -111,3 +113,40 @@ def test_history_draws_each_series_inside_the_box() -> None:
     assert lines["work"] == "0.0,25.0 100.0,50.0"
     assert lines["dlq"] == "0.0,0.0 100.0,0.0"
     assert (history.peak, history.span_s) == (8, 60.0)
+
+
+async def test_management_api_gives_depths_consumers_and_rates() -> None:
+    """Each queue's ready, unacked, consumers and rates come from GET /api/queues/<vhost>."""
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        queues = [
+            {
+                "name": "memory.items",
+                "messages_ready": 5,
+                "messages_unacknowledged": 2,
+                "consumers": 3,
+                "message_stats": {"publish_details": {"rate": 12.5}, "ack_details": {"rate": 11}},
+            },
+            {"name": "memory.items.dlq", "messages_ready": 9, "consumers": 0},
+            {"name": "someone.else", "messages_ready": 1},
+        ]
+        return httpx.Response(200, json=queues)
+
+    settings = load_settings({"retry": {"tiers_s": [1]}})
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        rows = await managed(
+            client,
+            "http://mon:pw@rabbit:15672/",
+            "amqp://u:p@rabbit/prod",
+            Topology.from_settings(settings),
+        )
+    assert [(r.role, r.ready, r.unacked, r.consumers) for r in rows] == [
+        ("work", 5, 2, 3),
+        ("retry 1s", None, None, None),
+        ("dead letters", 9, None, 0),
+    ]
+    assert (rows[0].publish_rate, rows[0].ack_rate) == (12.5, 11.0)
+    assert str(seen[0].url) == "http://rabbit:15672/api/queues/prod"
+    assert seen[0].headers["Authorization"].startswith("Basic ")
