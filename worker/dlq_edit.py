@@ -87,7 +87,9 @@ async def replay(
                     break
             if on_progress is not None:
                 on_progress(report.seen, session.target)
-    report.missing = sum(remaining.values()) if remaining is not None else 0
+    # Only a replay that read to the end knows that the copies it did not meet are gone.
+    if remaining is not None and report.error is None:
+        report.missing = sum(remaining.values())
     return report
 
 
