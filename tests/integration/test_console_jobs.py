@@ -1,15 +1,27 @@
-"""The console's actions against a real RabbitMQ: the breaker pause, the re-read after."""
+"""The console against a real RabbitMQ: its actions, their log line, how workers are found."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 
 import pytest
+from structlog.testing import capture_logs
 
-from tests.integration.helpers import declared, depth, rejected_dead_letters, wait_until
+from tests.integration.helpers import (
+    declared,
+    depth,
+    has_rabbitmqctl,
+    rabbitmqctl,
+    rejected_dead_letters,
+    wait_until,
+)
+from worker.broker import OPS_URL_PROPERTY
 from worker.console.jobs import Jobs, Selection
 from worker.console.snapshot import DeadLetters
+from worker.service import Service
+from worker.testing import StandIn
 
 pytestmark = pytest.mark.integration
 
@@ -44,8 +56,33 @@ async def test_console_purge_removes_the_selection_and_rereads(make_settings, co
     await letters.read()
     first = letters.letters()[0]
     chosen = Selection("one", Counter({first.fingerprint: 1}))
-    async with Jobs(connection, topology, letters, lambda: False) as jobs:
-        job = jobs.start("purge", chosen, "test", None)
-        await wait_until(lambda: job.finished)
+    with capture_logs() as logs:
+        async with Jobs(connection, topology, letters, lambda: False) as jobs:
+            job = jobs.start("purge", chosen, "operator", None)
+            await wait_until(lambda: job.finished)
     assert (job.state, job.done) == ("done", 1)
+    (line,) = [entry for entry in logs if entry["event"] == "console_action"]
+    assert (line["action"], line["who"], line["selected"], line["done"]) == (
+        "purge",
+        "operator",
+        1,
+        1,
+    )
+    assert line["result"] == "done"
     assert len(letters.letters()) == 3 and letters.find(first.fingerprint) is None
+
+
+async def test_worker_advertises_its_ops_url_to_the_broker(make_settings, connection):
+    """A running worker's connection carries its ops URL in its client properties."""
+    if not has_rabbitmqctl():
+        if os.environ.get("CI"):
+            pytest.fail("rabbitmqctl is needed to list the connections' client properties")
+        pytest.skip("needs rabbitmqctl for the broker under test")
+    async with StandIn() as sb:
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url}, worker={"ops_port": 0, "ops_host": "127.0.0.1"}
+        )
+        async with Service(settings) as service:
+            listed = await rabbitmqctl("list_connections", "client_properties")
+    assert OPS_URL_PROPERTY in listed
+    assert f"http://127.0.0.1:{service.ops_port}" in listed

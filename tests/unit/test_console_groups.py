@@ -9,7 +9,7 @@ from tests.unit.console_fakes import letter
 from worker.broker import OPS_URL_PROPERTY, QUEUE_PROPERTY, advertise
 from worker.console.groups import group_by_reason, page_of
 from worker.console.queues import History, QueueRow, managed
-from worker.console.workers import advertised, parse_metrics, quantile, view
+from worker.console.workers import Workers, advertised, parse_metrics, quantile, view
 from worker.metrics import Metrics
 from worker.settings import load_settings
 from worker.topology import Topology
@@ -150,3 +150,22 @@ async def test_management_api_gives_depths_consumers_and_rates() -> None:
     assert (rows[0].publish_rate, rows[0].ack_rate) == (12.5, 11.0)
     assert str(seen[0].url) == "http://rabbit:15672/api/queues/prod"
     assert seen[0].headers["Authorization"].startswith("Basic ")
+
+
+async def test_workers_poll_tells_an_open_breaker_and_a_silent_worker() -> None:
+    """A worker whose breaker is open makes `breaker_open` true; one that fails says why."""
+    metrics = Metrics(4)
+    metrics.breaker_state.set(2)
+    exposition = generate_latest(metrics.registry)
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "down":
+            return httpx.Response(503)
+        return httpx.Response(200, content=exposition)
+
+    workers = Workers()
+    async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as client:
+        await workers.poll(client, ["http://up:9464", "http://down:9464"], 1.0)
+    up, down = workers.views
+    assert (up.breaker, up.limit, up.error) == ("open", 4, None)
+    assert down.error == "HTTPStatusError" and workers.breaker_open
