@@ -72,6 +72,25 @@ async def test_console_purge_removes_the_selection_and_rereads(make_settings, co
     assert len(letters.letters()) == 3 and letters.find(first.fingerprint) is None
 
 
+async def test_console_replay_can_be_cancelled(make_settings, connection):
+    """Cancel stops a paced replay before its next message; the rest stay in the DLQ."""
+    _, topology = await declared(make_settings, connection)
+    await rejected_dead_letters(connection, topology, 6)
+    letters = DeadLetters(connection, topology.dead_letter_queue)
+    await letters.read()
+    chosen = Selection(
+        "group", Counter(d.fingerprint for d in letters.letters()), "rejected_by_sink"
+    )
+    async with Jobs(connection, topology, letters, lambda: False) as jobs:
+        job = jobs.start("replay", chosen, "test", 4.0)
+        await wait_until(lambda: job.done >= 1)
+        job.cancel_requested = True
+        await wait_until(lambda: job.finished)
+    assert job.state == "cancelled" and 1 <= job.done < 6
+    assert await depth(connection, topology.dead_letter_queue) == 6 - job.done
+    assert len(letters.letters()) == 6 - job.done
+
+
 async def test_worker_advertises_its_ops_url_to_the_broker(make_settings, connection):
     """A running worker's connection carries its ops URL in its client properties."""
     if not has_rabbitmqctl():
