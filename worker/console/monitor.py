@@ -42,14 +42,22 @@ class Monitor:
         self.source = "passive declare"
         self.error: str | None = None
         self.polled_at: float | None = None
-        self._client = httpx.AsyncClient(timeout=HTTP_TIMEOUT_S)
+        self._stack = contextlib.AsyncExitStack()
+        self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<Monitor source={self.source!r} workers={len(self.workers.views)}>"
 
     async def __aenter__(self) -> Self:
-        await self.poll()
+        self._client = await self._stack.enter_async_context(
+            httpx.AsyncClient(timeout=HTTP_TIMEOUT_S)
+        )
+        try:
+            await self.poll()
+        except BaseException:
+            await self._stack.aclose()
+            raise
         self._task = asyncio.create_task(self._loop(), name="console-monitor")
         self._task.add_done_callback(_reap)
         return self
@@ -61,7 +69,7 @@ class Monitor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        await self._client.aclose()
+        await self._stack.aclose()
 
     async def _loop(self) -> None:
         while True:
@@ -70,6 +78,9 @@ class Monitor:
 
     async def poll(self) -> None:
         """Read the queues and the workers once."""
+        client = self._client
+        if client is None:
+            raise RuntimeError("not open: use `async with Monitor(...)`")
         mq = self._settings.rabbitmq
         management = mq.management_url.get_secret_value() if mq.management_url else None
         amqp = mq.url.get_secret_value()
@@ -77,20 +88,20 @@ class Monitor:
         self.error = None
         try:
             if management is not None:
-                self.rows = await queues.managed(self._client, management, amqp, self._topology)
+                self.rows = await queues.managed(client, management, amqp, self._topology)
                 self.source = "management API"
-                urls = sorted({*urls, *await self._advertised(management)})
+                urls = sorted({*urls, *await self._advertised(client, management)})
             else:
                 self.rows = await queues.passive(self._connection, self._topology)
             self.history.add(self.rows)
         except (httpx.HTTPError, ValueError, *CONNECTION_EXCEPTIONS) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
-        await self.workers.poll(self._client, urls, time.monotonic())
+        await self.workers.poll(client, urls, time.monotonic())
         self.polled_at = time.time()
 
-    async def _advertised(self, management: str) -> list[str]:
+    async def _advertised(self, client: httpx.AsyncClient, management: str) -> list[str]:
         url, auth = queues.api_url(management, "connections")
-        response = await self._client.get(url, params={"columns": "client_properties"}, auth=auth)
+        response = await client.get(url, params={"columns": "client_properties"}, auth=auth)
         response.raise_for_status()
         return advertised(response.json(), self._topology.queue)
 
