@@ -147,7 +147,19 @@ def advertise(settings: Settings, ops_port: int | None) -> dict[str, str]:
         return {}
     host = settings.worker.ops_host
     if host in ("", "0.0.0.0", "::"):
-        # Bound to every address: the host name is the one others can reach it by.
-        host = socket.gethostname()
+        host = _own_address()
     shown = f"[{host}]" if ":" in host else host
     return {OPS_URL_PROPERTY: f"http://{shown}:{ops_port}", QUEUE_PROPERTY: settings.rabbitmq.queue}
+
+
+def _own_address() -> str:
+    """This machine's address as its own host name resolves, else the host name itself.
+
+    A pod's or a container's name is in its /etc/hosts but often in no DNS others use, so the
+    address it maps to is what another machine can reach; one lookup, at start.
+    """
+    name = socket.gethostname()
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return name

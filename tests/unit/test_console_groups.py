@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 from prometheus_client import generate_latest
 
@@ -100,6 +102,20 @@ def test_workers_are_found_by_the_properties_they_advertise() -> None:
     ]
     assert advertised(connections, "memory.items") == ["http://127.0.0.1:9464"]
     assert advertise(settings, None) == {}
+
+
+def test_a_worker_on_every_address_advertises_one_others_can_reach(monkeypatch) -> None:
+    """Bound to 0.0.0.0, a worker advertises the address its host name resolves to."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "pod-7")
+    monkeypatch.setattr(socket, "gethostbyname", lambda name: "10.0.0.7")
+    settings = load_settings({"worker": {"ops_host": "0.0.0.0"}})
+    assert advertise(settings, 9464)[OPS_URL_PROPERTY] == "http://10.0.0.7:9464"
+
+    def unresolvable(name: str) -> str:
+        raise OSError(name)
+
+    monkeypatch.setattr(socket, "gethostbyname", unresolvable)
+    assert advertise(settings, 9464)[OPS_URL_PROPERTY] == "http://pod-7:9464"
 
 
 def test_history_draws_each_series_inside_the_box() -> None:
