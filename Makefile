@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements/dev.lock
 
 .PHONY: install lock demo test test-rabbitmq4 rabbitmq4 promtool check-rules dashboard-png unit \
-	integration lint typecheck bench bench-quick clean
+	integration lint typecheck bench bench-quick clean chromium test-browser console-screenshots
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +77,19 @@ check-rules: promtool
 # The README's picture of the dashboard's layout, drawn from the dashboard JSON.
 dashboard-png: $(STAMP)
 	$(BIN)/python deploy/grafana/render_layout.py
+
+# Debian's Chromium, unpacked into ~/.cache/memory-worker/chromium (or
+# $MEMORY_WORKER_CHROMIUM_DIR) for the console's browser tests, which fail without it in CI.
+chromium:
+	tests/browser/prepare.sh
+
+test-browser: $(STAMP) chromium
+	$(BIN)/pytest -q -p no:cacheprovider tests/browser
+
+# The README's pictures of the console (docs/console-*.png), taken in headless Chromium from
+# a console on a worker, the stand-in and valid and broken items on the local broker.
+console-screenshots: $(STAMP) chromium
+	$(BIN)/python -m tests.browser.screenshots
 
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit

@@ -5,12 +5,14 @@ list_connections client_properties` and the management UI tell the worker from i
 `rabbitmq.url` may list a cluster's nodes, separated by commas: they are tried in order at
 start, and a robust connection fails over to the next when its node is lost
 (`FailoverConnection`); each failover is one `broker_failover` line.
+A worker also advertises its ops URL and queue there, so the console finds it (`advertise`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import socket
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
 from urllib.parse import unquote, urlsplit, urlunsplit
 
@@ -33,6 +35,9 @@ CONFIRM_TIMEOUT_S = 30.0
 #: The first and the longest pause between connection attempts while waiting for the broker.
 FIRST_RETRY_S = 0.5
 MAX_RETRY_S = 10.0
+#: Client properties a worker's connection carries for `memory-worker console` to find it.
+OPS_URL_PROPERTY = "memory_worker_ops_url"
+QUEUE_PROPERTY = "memory_worker_queue"
 
 #: Broker addresses and the error each failed with.
 Failures = Sequence[tuple[str, BaseException]]
@@ -171,17 +176,28 @@ async def connect(
     *,
     robust: Literal[True] = True,
     wait: bool = False,
+    properties: Mapping[str, str] | None = None,
 ) -> FailoverConnection: ...
 
 
 @overload
 async def connect(
-    settings: Settings, purpose: str | None = None, *, robust: bool, wait: bool = False
+    settings: Settings,
+    purpose: str | None = None,
+    *,
+    robust: bool,
+    wait: bool = False,
+    properties: Mapping[str, str] | None = None,
 ) -> AbstractConnection: ...
 
 
 async def connect(
-    settings: Settings, purpose: str | None = None, *, robust: bool = True, wait: bool = False
+    settings: Settings,
+    purpose: str | None = None,
+    *,
+    robust: bool = True,
+    wait: bool = False,
+    properties: Mapping[str, str] | None = None,
 ) -> AbstractConnection:
     """Open a connection named for `purpose`; raise `BrokerUnavailable` if none opens.
 
@@ -193,7 +209,7 @@ async def connect(
     """
     mq = settings.rabbitmq
     name = " ".join(p for p in ("memory-worker", purpose, settings.worker.id) if p)
-    properties = {"connection_name": name}
+    client_properties = {**(properties or {}), "connection_name": name}
     # make_url puts the heartbeat into each URL's query, as connect_robust would.
     urls = [str(make_url(url, heartbeat=mq.heartbeat_s)) for url in mq.urls]
     loop = asyncio.get_running_loop()
@@ -203,7 +219,9 @@ async def connect(
         failures: list[tuple[str, BaseException]] = []
         for index, url in enumerate(mq.urls):
             try:
-                connection = await _open(urls, index, robust, mq.connect_timeout_s, properties)
+                connection = await _open(
+                    urls, index, robust, mq.connect_timeout_s, client_properties
+                )
             except (*CONNECTION_EXCEPTIONS, InvalidFrameError, TimeoutError) as exc:
                 if (refused := _refusal(url, exc)) is not None:
                     raise refused from None  # retrying cannot fix a password or a vhost
@@ -250,3 +268,30 @@ def _failed_over(failures: Failures, url: str) -> None:
         previous=shown(first),
         error=repr(error) if len(failures) == 1 else describe(failures),
     )
+
+
+def advertise(settings: Settings, ops_port: int | None) -> dict[str, str]:
+    """The client properties that make this worker findable: its ops URL and its queue."""
+    if ops_port is None:
+        return {}
+    host = settings.worker.ops_host
+    if host in ("", "0.0.0.0", "::"):
+        host = _own_address()
+    literal = f"[{host}]" if ":" in host else host
+    return {
+        OPS_URL_PROPERTY: f"http://{literal}:{ops_port}",
+        QUEUE_PROPERTY: settings.rabbitmq.queue,
+    }
+
+
+def _own_address() -> str:
+    """This machine's address as its own host name resolves, else the host name itself.
+
+    A pod's or a container's name is in its /etc/hosts but often in no DNS others use, so the
+    address it maps to is what another machine can reach; one lookup, at start.
+    """
+    name = socket.gethostname()
+    try:
+        return socket.gethostbyname(name)
+    except OSError:
+        return name

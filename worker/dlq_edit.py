@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -23,7 +24,9 @@ from worker.publisher import Publisher, PublishFailed
 from worker.settle import copy_message
 from worker.topology import Topology
 
-# Written by the broker; a replayed copy starts with a clean slate.
+#: Awaited before each replayed message: None to go on (it may wait first, e.g. while the
+#: sink's breaker is open), else why the replay stops (e.g. "cancelled").
+Gate = Callable[[], Awaitable[str | None]]
 
 
 def replay_copy(message: AbstractIncomingMessage) -> aio_pika.Message:
@@ -42,6 +45,9 @@ class ReplayReport:
     replayed: int = 0
     error: str | None = None
     duplicate: DeadLetter | None = None
+    missing: int = 0
+    returned: int = 0
+    replayed_ids: set[str] = field(default_factory=set)
 
 
 async def replay(
@@ -53,33 +59,71 @@ async def replay(
     rate_per_s: float | None = None,
     limit: int | None = None,
     on_progress: Progress | None = None,
+    only: Counter[str] | None = None,
+    gate: Gate | None = None,
+    stop_on_return: bool = False,
+    report: ReplayReport | None = None,
 ) -> ReplayReport:
     """Send matching dead letters back to the work queue, each exactly once, in DLQ order.
 
     Each is published with confirms and only then acked; on the first failure the replay stops
-    and everything not yet replayed stays in the DLQ, in order.
+    and everything not yet replayed stays in the DLQ, in order. With `only`, at most those
+    fingerprints (what an operator was shown); with `stop_on_return`, the replay stops once a
+    message it replayed is dead-lettered again, instead of feeding the same failures round.
+    `report`, when given, is filled in as the replay goes, for a caller showing progress.
     """
-    report = ReplayReport()
-    pace = _Pacer(rate_per_s)
+    report = report if report is not None else ReplayReport()
+    remaining = Counter(only) if only is not None else None
+    step = _Step(_Pacer(rate_per_s), gate, stop_on_return)
     now_ms = current_ms()
     session = DlqSession(connection, topology.dead_letter_queue, limit=limit)
     async with session, Publisher(connection, topology) as publisher:
         report.depth, report.consumers = session.depth, session.consumers
         async for held in session:
             report.seen += 1
-            if flt.matches(held.letter, now_ms):
+            if flt.matches(held.letter, now_ms) and _take(remaining, held.letter.fingerprint):
                 report.matched.append(held.letter)
-                if not dry_run and not await _replay_one(session, publisher, held, pace, report):
+                if not dry_run and not await step.replay(session, publisher, held, report):
                     break
             if on_progress is not None:
                 on_progress(report.seen, session.target)
+    # Only a replay that read to the end knows that the copies it did not meet are gone.
+    if remaining is not None and report.error is None:
+        report.missing = sum(remaining.values())
     return report
 
 
+@dataclass(slots=True)
+class _Step:
+    """One replayed message: pace, ask the gate, check for returns, publish, ack."""
+
+    pace: _Pacer
+    gate: Gate | None
+    stop_on_return: bool
+
+    async def replay(
+        self, session: DlqSession, publisher: Publisher, held: Held, report: ReplayReport
+    ) -> bool:
+        await self.pace.wait()
+        if self.gate is not None and (stop := await self.gate()) is not None:
+            report.error = stop
+            return False
+        if self.stop_on_return:
+            report.returned = sum(1 for d in session.late if d.id in report.replayed_ids)
+            if report.returned:
+                report.error = (
+                    f"{report.returned} replayed message(s) came back to the DLQ; replay stopped"
+                )
+                return False
+        if not await _replay_one(session, publisher, held, report):
+            return False
+        report.replayed_ids.add(held.letter.id)
+        return True
+
+
 async def _replay_one(
-    session: DlqSession, publisher: Publisher, held: Held, pace: _Pacer, report: ReplayReport
+    session: DlqSession, publisher: Publisher, held: Held, report: ReplayReport
 ) -> bool:
-    await pace.wait()
     try:
         await publisher.publish_message(replay_copy(held.message), routing_key=None)
     except PublishFailed as exc:
@@ -115,9 +159,10 @@ async def purge(
     only: Counter[str] | None = None,
     limit: int | None = None,
     on_progress: Progress | None = None,
+    report: PurgeReport | None = None,
 ) -> PurgeReport:
     """Remove matching dead letters; with `only`, at most those fingerprints (what was shown)."""
-    report = PurgeReport()
+    report = report if report is not None else PurgeReport()
     remaining = Counter(only) if only is not None else None
     now_ms = current_ms()
     async with DlqSession(connection, queue, limit=limit) as session:

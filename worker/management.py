@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import time
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import quote
 
 import httpx
 import structlog
 
+from worker.addresses import vhost
 from worker.broker import masked
 from worker.queue_compare import Expected, findings, with_live_policies
 from worker.topology import Topology, TopologyError
@@ -31,11 +32,6 @@ log = structlog.get_logger("worker.management")
 Auth = httpx.Auth | None
 
 
-def _vhost(amqp_url: str) -> str:
-    path = urlparse(amqp_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
 def _api(management_url: str, *parts: str) -> httpx.URL:
     base = httpx.URL(management_url)
     quoted = "/".join(quote(part, safe="") for part in parts)
@@ -44,7 +40,7 @@ def _api(management_url: str, *parts: str) -> httpx.URL:
 
 def management_queue_url(management_url: str, amqp_url: str, queue: str) -> httpx.URL:
     """`<management>/api/queues/<vhost>/<queue>` for the vhost of the AMQP URL, credentials kept."""
-    return _api(management_url, "queues", _vhost(amqp_url), queue)
+    return _api(management_url, "queues", vhost(amqp_url), queue)
 
 
 def _stats_pending(body: Any, expected: Expected) -> bool:
@@ -110,7 +106,7 @@ async def check_queue_policies(
     auth = httpx.BasicAuth(url.username, url.password) if url.username else None
     bare = url.copy_with(username=None, password=None)
     policies = [
-        _api(management_url, kind, _vhost(amqp_url)).copy_with(username=None, password=None)
+        _api(management_url, kind, vhost(amqp_url)).copy_with(username=None, password=None)
         for kind in ("policies", "operator-policies")
     ]
     shown = masked(management_url)

@@ -1,4 +1,8 @@
-"""The ops HTTP port: Prometheus `/metrics`, ACT-008's metrics as JSON, health and readiness."""
+"""The ops HTTP port: Prometheus `/metrics`, ACT-008's metrics as JSON, health and readiness.
+
+Its one changing request, `POST /insertion-metrics/reset`, passes the console's guard
+(`worker.guard`): not from another site's page, and from curl only with `console.token`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from typing import Self
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 
+from worker.guard import change_refusal
 from worker.metrics import Metrics
 
 
@@ -22,8 +28,10 @@ class OpsServer:
         host: str,
         port: int,
         about: Callable[[], Mapping[str, object]] | None = None,
+        token: SecretStr | None = None,
     ) -> None:
         self._metrics = metrics
+        self._token = token
         self._ready = ready
         # What /readyz says besides ready or not: the broker node the worker is on.
         self._about = about
@@ -64,6 +72,10 @@ class OpsServer:
         return web.json_response(self._metrics.get_insertion_metrics())
 
     async def _reset(self, request: web.Request) -> web.Response:
+        # The console's guard: a page on another site must not zero the counters.
+        refusal = change_refusal(request.method, request.headers, self._token)
+        if refusal is not None:
+            return web.json_response({"error": refusal}, status=403)
         self._metrics.reset_metrics()
         return web.json_response(self._metrics.get_insertion_metrics())
 

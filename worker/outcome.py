@@ -25,6 +25,19 @@ class Reason(enum.StrEnum):
     INTERNAL_ERROR = "internal_error"
 
 
+#: A retry meets the same bytes and the same rules: these fail again, whatever the sink does.
+PERMANENT = frozenset(
+    r.value
+    for r in (
+        Reason.INVALID_ENCODING,
+        Reason.INVALID_JSON,
+        Reason.WRONG_CONTENT_TYPE,
+        Reason.SCHEMA,
+        Reason.TOO_LARGE,
+    )
+)
+
+
 class Kind(enum.StrEnum):
     """What happened to one delivery."""
 

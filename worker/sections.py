@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import socket
 from typing import Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, SecretStr, field_validator
 
+from worker.addresses import split_urls, url_problems
 from worker.outcome import RetryPolicy
 
 #: Pool, worker, what happened and what it said: a worker whose status changes is stored again.
@@ -38,65 +38,6 @@ class PoolsSettings(BaseModel):
         "false = always the max",
     )
     session_buddy_url: AnyHttpUrl = AnyHttpUrl("http://localhost:8678/mcp")
-
-
-def split_urls(text: str) -> tuple[str, ...]:
-    """The addresses in a comma-separated `rabbitmq.url` (a cluster's nodes), blanks trimmed."""
-    return tuple(part.strip() for part in text.split(","))
-
-
-def url_problems(urls: tuple[str, ...]) -> list[str]:
-    """What is wrong with a list of broker addresses, each named by its position and host."""
-
-    def named(n: int, url: str, problem: str) -> str:
-        return f"address {n} of {len(urls)}{_where(url)} {problem}" if len(urls) > 1 else problem
-
-    problems = [
-        named(n, url, problem)
-        for n, url in enumerate(urls, start=1)
-        if (problem := _amqp_problem(url))
-    ]
-    if problems:
-        return problems
-    # The worker's queues live in one vhost, which every node of a cluster serves.
-    vhosts = [_vhost(url) for url in urls]
-    return [
-        named(n, url, f"names vhost {vhost!r}, address 1 {vhosts[0]!r}: one cluster, one vhost")
-        for n, (url, vhost) in enumerate(zip(urls, vhosts, strict=True), start=1)
-        if vhost != vhosts[0]
-    ]
-
-
-def _amqp_problem(url: str) -> str | None:
-    """What is wrong with one broker address, or None."""
-    if not url:
-        return "is empty (a comma too many?)"
-    if not url.startswith(("amqp://", "amqps://")):
-        return "must start with amqp:// or amqps://"
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - parsing the port is the check
-    except ValueError:
-        return "has an invalid host or port (a comma in a password must be written %2C)"
-    if not parts.hostname:
-        return "names no host"
-    return None
-
-
-def _vhost(url: str) -> str:
-    """The vhost an AMQP address names ("/" when it names none)."""
-    path = urlsplit(url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
-def _where(url: str) -> str:
-    """` (host:port)` of an address, for an error message: never its credentials."""
-    try:
-        parts = urlsplit(url)
-        host, port = parts.hostname, parts.port
-    except ValueError:
-        return ""
-    return f" ({host}{f':{port}' if port else ''})" if host else ""
 
 
 class RabbitMQSettings(BaseModel):
@@ -297,3 +238,22 @@ class LedgerSettings(BaseModel):
         if value is not None and not value.get_secret_value().startswith(schemes):
             raise ValueError("must start with redis://, rediss:// or unix://")
         return value
+
+
+class ConsoleSettings(BaseModel):
+    """`memory-worker console`: where it listens, its token, the workers it watches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=9470, ge=0, le=65535)
+    token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token (or login) for the console and the ops port's POSTs; "
+        "required to bind another address than loopback",
+    )
+    workers: list[AnyHttpUrl] = Field(
+        default_factory=list,
+        description="Ops URLs of workers (http://host:9464) where no management API lists them",
+    )
+    replay_rate_per_s: float = Field(default=50.0, gt=0, le=10_000)

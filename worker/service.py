@@ -17,7 +17,7 @@ from typing import Self
 import structlog
 
 from worker.breaker import CircuitBreaker, State
-from worker.broker import FailoverConnection, connect
+from worker.broker import FailoverConnection, advertise, connect
 from worker.consumer import Consumer
 from worker.dispatch import Dispatcher
 from worker.ledger import open_ledger
@@ -93,7 +93,12 @@ class Service:
         check_settings(s)
         if s.worker.ops_port >= 0:
             ops = OpsServer(
-                self.metrics, lambda: self.ready, s.worker.ops_host, s.worker.ops_port, self._broker
+                self.metrics,
+                lambda: self.ready,
+                s.worker.ops_host,
+                s.worker.ops_port,
+                self._broker,
+                token=s.console.token,
             )
             await self._stack.enter_async_context(ops)
             self.ops_port = ops.port
@@ -101,7 +106,8 @@ class Service:
         sink = make_sink(s, client)
         await self._stack.enter_async_context(sink)
         await check_sink(sink, s.sink.tool)
-        connection = self._connection = await connect(s, wait=True)
+        advertised = advertise(s, self.ops_port)
+        connection = self._connection = await connect(s, wait=True, properties=advertised)
         self._stack.push_async_callback(connection.close)
         await prepare_broker(s, self.topology, connection)
         ledger = await self._stack.enter_async_context(open_ledger(s, self.metrics))

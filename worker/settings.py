@@ -29,6 +29,7 @@ from pydantic_settings import (
 
 from worker.provenance import OWN_PREFIX, Sources, describe, scan_env, scan_mapping
 from worker.sections import (
+    ConsoleSettings,
     LedgerSettings,
     PoolsSettings,
     RabbitMQSettings,
@@ -59,6 +60,7 @@ class Settings(BaseSettings):
     retry: RetrySettings = Field(default_factory=RetrySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    console: ConsoleSettings = Field(default_factory=ConsoleSettings)
     _files: tuple[str, ...] = PrivateAttr(default=())
 
     @classmethod
@@ -108,7 +110,13 @@ class Settings(BaseSettings):
         return self.concurrency + max(1, self.concurrency // 4)
 
 
-SECRETS = {"rabbitmq.url", "rabbitmq.management_url", "sink.token", "ledger.url"}
+SECRETS = {
+    "rabbitmq.url",
+    "rabbitmq.management_url",
+    "sink.token",
+    "ledger.url",
+    "console.token",
+}
 
 
 def _config_files() -> list[Path]:

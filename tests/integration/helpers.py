@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -11,8 +12,10 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import aio_pika
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
+from worker.headers import dead_letter_headers
 from worker.publisher import Publisher
 from worker.settings import Settings
 from worker.settings_env import settings_env
@@ -157,3 +160,28 @@ def kill_leftover_workers() -> int:
 def headers(message: AbstractIncomingMessage) -> dict[str, Any]:
     """A message's headers as a plain dict."""
     return dict(message.headers or {})
+
+
+async def rejected_dead_letters(
+    connection: AbstractRobustConnection, topology: Topology, count: int
+) -> list[str]:
+    """`count` rejected_by_sink dead letters of valid items (ids m-0, m-1, ...), in order."""
+    ids = []
+    async with connection.channel(publisher_confirms=True) as channel:
+        for n in range(count):
+            headers = dead_letter_headers("rejected_by_sink", "w-1", topology.queue)
+            body = json.dumps(item(n)).encode()
+            message = aio_pika.Message(body, message_id=f"m-{n}", headers=headers)
+            await channel.default_exchange.publish(message, topology.dead_letter_queue)
+            ids.append(f"m-{n}")
+    return ids
+
+
+async def declared(
+    make_settings: Any, connection: AbstractRobustConnection, **sections: Any
+) -> tuple[Settings, Topology]:
+    """Settings on fresh names (`make_settings`), the topology declared."""
+    settings: Settings = make_settings(**sections)
+    topology = Topology.from_settings(settings)
+    await topology.declare(connection)
+    return settings, topology

@@ -70,6 +70,7 @@ def test_committed_yaml_matches_defaults(monkeypatch: pytest.MonkeyPatch) -> Non
     assert s.rabbitmq.url.get_secret_value() == defaults.rabbitmq.url.get_secret_value()
     assert s.sink.model_dump() == defaults.sink.model_dump()
     assert s.retry == defaults.retry
+    assert s.console == defaults.console
 
 
 @pytest.mark.parametrize("value", [1, 10, 25, 50])

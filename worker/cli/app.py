@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from worker import __version__
 from worker.broker import BrokerRefused, BrokerUnavailable
-from worker.cli import check, demo, dlq, publish, run
+from worker.cli import check, console, demo, dlq, publish, run
 from worker.cli.common import settings_from_args
 from worker.exitcodes import EXIT_CONFIG, EXIT_FORCED, EXIT_SOFTWARE, EXIT_UNAVAILABLE
 from worker.logs import configure_logging
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in (run, check, demo, publish, dlq):
+    for family in (run, check, demo, publish, dlq, console):
         family.add_parser(sub)
     return parser
 

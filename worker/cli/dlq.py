@@ -22,7 +22,7 @@ from worker.cli.common import (
 from worker.dlq import MAX_HOLD
 from worker.dlq_model import Filter
 from worker.exitcodes import EXIT_USAGE
-from worker.outcome import Reason
+from worker.outcome import PERMANENT, Reason
 from worker.settings import Settings
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
@@ -117,17 +117,6 @@ def parse_duration(text: str) -> float:
 
 # Ours (x-mw-reason), then the broker's own (x-death) for what it dead-lettered itself.
 REASONS = frozenset({*(r.value for r in Reason), "delivery_limit", "rejected", "expired", "maxlen"})
-# A retry meets the same bytes and the same rules: these fail again, whatever the sink does.
-PERMANENT = frozenset(
-    r.value
-    for r in (
-        Reason.INVALID_ENCODING,
-        Reason.INVALID_JSON,
-        Reason.WRONG_CONTENT_TYPE,
-        Reason.SCHEMA,
-        Reason.TOO_LARGE,
-    )
-)
 
 
 def reason_name(text: str) -> str:

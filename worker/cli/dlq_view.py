@@ -12,6 +12,7 @@ from rich.table import Table
 
 from worker import dlq_model
 from worker.cli.common import console
+from worker.dlq_format import jsonable, pretty_body
 from worker.headers import PREFIX
 from worker.settings import Settings
 
@@ -99,9 +100,9 @@ def print_letter(out: Console, d: dlq_model.DeadLetter, now_ms: int) -> None:
     skip = (PREFIX, "x-delivery-count")
     other = {k: v for k, v in d.headers.items() if not k.startswith(skip)}
     if other:
-        out.print("[bold]headers[/]", escape(json.dumps(_jsonable(other))))
+        out.print("[bold]headers[/]", escape(json.dumps(jsonable(other))))
     out.print("[bold]body[/]")
-    out.print(escape(_pretty(d.body)), soft_wrap=True)
+    out.print(escape(pretty_body(d.body)), soft_wrap=True)
     out.print()
 
 
@@ -130,28 +131,7 @@ def stats_json(snapshot: dlq_model.Snapshot, summary: dlq_model.Stats) -> dict[s
 
 def show_json(d: dlq_model.DeadLetter) -> dict[str, Any]:
     """One dead letter in `dlq show --json`: the envelope, headers and body."""
-    return {**d.envelope(), "headers": _jsonable(dict(d.headers)), "body": d.body_text()}
-
-
-def _pretty(body: bytes) -> str:
-    try:
-        return json.dumps(json.loads(body), indent=2, ensure_ascii=False)
-    except (ValueError, RecursionError):
-        return body.decode("utf-8", "backslashreplace")
-
-
-def _jsonable(value: object) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "backslashreplace")
-    if isinstance(value, datetime):
-        return value.isoformat()
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
+    return {**d.envelope(), "headers": jsonable(dict(d.headers)), "body": d.body_text()}
 
 
 def _when(ms: int | None) -> str:
