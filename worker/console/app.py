@@ -17,7 +17,7 @@ import structlog
 from aiohttp import web
 
 from worker.console import actions, pages
-from worker.console.state import STATE, TEMPLATES, ConsoleState, render, templates, who
+from worker.console.state import STATE, TEMPLATES, ConsoleState, render, templates
 from worker.guard import change_refusal, may_read
 
 log = structlog.get_logger("worker.console")
@@ -68,9 +68,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
 
 def _refused(request: web.Request, status: int, why: str) -> web.Response:
     """A refused change, logged as an action that did not happen."""
-    log.warning(
-        "console_action_refused", path=request.path, who=who(request), status=status, why=why
-    )
+    # Only the address: a refused request was let in by no route, so `who` would mislabel it.
+    remote = request.remote or "?"
+    log.warning("console_action_refused", path=request.path, who=remote, status=status, why=why)
     return render(request, "error.html", status=status, error=why)
 
 
