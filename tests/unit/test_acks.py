@@ -120,6 +120,23 @@ async def test_channel_closing_before_the_turn_ends_loses_nothing() -> None:
     assert acks.frames_sent == 0
 
 
+async def test_a_requeue_is_a_basic_reject_never_a_nack() -> None:
+    """A requeue is a basic.reject: it counts toward 4.3's delivery limit, a nack would not."""
+    frames: list[tuple[str, int, bool]] = []
+
+    class Recording(FakeChannel):
+        async def basic_reject(self, tag: int, *, requeue: bool = True, wait: bool = True) -> None:
+            frames.append(("reject", tag, requeue))
+
+        async def basic_nack(self, tag: int, *args: object, **kwargs: object) -> None:
+            frames.append(("nack", tag, True))
+
+    acks = AckBatcher(Recording())  # type: ignore[arg-type]
+    acks.delivered(1)
+    assert await acks.nack(1)
+    assert frames == [("reject", 1, True)]
+
+
 class Broker(FakeChannel):
     """A fake channel that checks each frame as RabbitMQ would, against what we settled."""
 
