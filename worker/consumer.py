@@ -5,12 +5,19 @@ each delivery in an `IncomingMessage` and a second task (~30 µs a message, a te
 worker's CPU at 0 ms), and the pipeline needs only the body and three properties. aio-pika
 still owns the connection, its recovery and the channel; the subscription follows the channel
 through a reopen callback. How a delivery is settled on the broker is `worker.settle`'s.
+
+A `basic.cancel` from the broker (a consumer timeout, the queue deleted, its node leaving)
+ends that channel's part: nothing more is settled on it, deliveries not started are dropped,
+stores in flight finish but are not acked, and the channel is closed, so the broker requeues
+all of them; the consumer then subscribes on a new channel. RabbitMQ 4.3 keeps the channel
+open after a consumer timeout, and an ack there would re-activate the cancelled consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,7 +35,7 @@ from worker.topology import Topology
 
 log = structlog.get_logger("worker.consumer")
 BROKER_CALL_TIMEOUT_S = 10.0
-RECOVERY_FIRST_S = 1.0  # aio-pika re-consumes on its own when the queue still exists
+RECOVERY_FIRST_S = 1.0  # the wait after a failed attempt to consume again; it doubles
 RECOVERY_MAX_S = 30.0
 
 
@@ -44,6 +51,7 @@ class Consumer:
         worker_id: str,
         redeclare: bool = True,
         on_resubscribe: Callable[[], None] | None = None,
+        on_cancel: Callable[[], None] | None = None,
     ) -> None:
         self._connection = connection
         self._topology = topology
@@ -52,7 +60,9 @@ class Consumer:
         self._worker_id = worker_id
         self._redeclare = redeclare
         self._on_resubscribe = on_resubscribe
+        self._on_cancel = on_cancel
         self._acks: AckBatcher | None = None
+        self._retired: aiormq.abc.AbstractChannel | None = None  # its consumer was cancelled
         self._recovery: asyncio.Task[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -78,6 +88,8 @@ class Consumer:
         self._queue = await channel.declare_queue(self._topology.queue, passive=True)
 
         async def on_delivered(message: DeliveredMessage) -> None:
+            if message.channel is self._retired:
+                return  # read before the cancel: the broker requeues it when the channel closes
             acks = self._acks
             if acks is None or acks.channel is not message.channel:
                 # A reconnect brings a new channel, whose delivery tags start again at 1.
@@ -121,27 +133,44 @@ class Consumer:
         if channel is None:
             return
         underlay = await channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(self._cancelled_by_broker)
+        watch = functools.partial(self._cancelled_by_broker, underlay)
+        underlay.on_consumer_cancel_callbacks.add(watch)
 
-    def _cancelled_by_broker(self, frame: aiormq.spec.Basic.Cancel) -> None:
+    def _cancelled_by_broker(
+        self, underlay: aiormq.abc.AbstractChannel, frame: aiormq.spec.Basic.Cancel
+    ) -> None:
         """The broker ended our subscription (queue deleted, consumer timeout on 4.3+, ...).
 
-        aio-pika re-consumes by itself only while the queue exists, and says so at debug level
-        only; without a watch the worker would sit idle and look healthy.
+        Runs in aiormq's frame reader, before any later frame of the channel is handled, so no
+        ack leaves after the cancel. Without this watch the worker would sit idle and look
+        healthy: nothing re-consumes a subscription made on aiormq's channel.
         """
         if self._stopped or frame.consumer_tag != self._tag or self.lost:
             return
-        log.warning(
-            "consumer_cancelled_by_broker", queue=self._topology.queue, tag=frame.consumer_tag
+        self._retired = underlay
+        acks = self._acks
+        dropped_acks = acks.retire() if acks is not None and acks.channel is underlay else 0
+        dropped = self._dispatcher.discard_waiting(
+            lambda d: isinstance(d, AmqpDelivery) and d.acks.channel is underlay
         )
+        log.warning(
+            "consumer_cancelled_by_broker",
+            queue=self._topology.queue,
+            tag=frame.consumer_tag,
+            acks_dropped=dropped_acks,
+            not_started=dropped,
+            in_flight=self._dispatcher.in_flight,
+            redelivery_expected=True,
+        )
+        if self._on_cancel is not None:
+            self._on_cancel()
         self._recovery = asyncio.create_task(self._recover())
 
     async def _recover(self) -> None:
-        """Consume again, redeclaring the topology when allowed; back off while that fails."""
+        """Consume again at once, redeclaring the topology when allowed; back off while failing."""
         queue = self._topology.queue
         delay_s = RECOVERY_FIRST_S
         while not self._stopped:
-            await asyncio.sleep(delay_s)
             try:
                 if await self._subscribed():
                     log.info("consumer_restored", queue=queue)
@@ -154,7 +183,6 @@ class Consumer:
                     log.warning("consumer_reopened", queue=queue, redeclared=self._redeclare)
                 return
             except Exception as exc:  # whatever it is, this watch must not die quietly
-                delay_s = min(delay_s * 2, RECOVERY_MAX_S)
                 log.warning(
                     "consumer_recovery_failed",
                     queue=queue,
@@ -162,6 +190,8 @@ class Consumer:
                     error=str(exc) or repr(exc),
                     retry_in_s=delay_s,
                 )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, RECOVERY_MAX_S)
 
     async def _subscribed(self) -> bool:
         channel, tag = self._channel, self._tag
