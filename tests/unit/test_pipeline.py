@@ -733,6 +733,24 @@ async def test_parked_copy_keeps_its_attempts_and_restarts_the_budget_clock() ->
     assert old.verdict.attempt == 3 and old.verdict.first_failure_ts is None
 
 
+async def test_redelivery_while_its_store_runs_is_deferred_not_stored_twice() -> None:
+    """A second delivery of an item whose store still runs here is parked, not stored again."""
+    sink = FakeSink()
+    sink.gate = asyncio.Event()
+    pipeline = make_pipeline(sink)
+    first = asyncio.create_task(pipeline.handle(delivery("slow", message_id="m-1")))
+    await until(lambda: sink.active == 1)
+    again = await pipeline.handle(delivery("slow", message_id="m-1"))
+    sink.gate.set()
+    assert (await first).outcome.kind is Kind.STORED
+    assert again.outcome.kind is Kind.DEFERRED
+    assert again.decision.action is Action.RETRY and not again.decision.counts
+    assert len(sink.requests) == 1
+    # Once stored, its next copy is a duplicate, acked without a store.
+    later = await pipeline.handle(delivery("slow", message_id="m-1"))
+    assert later.outcome.kind is Kind.DUPLICATE and len(sink.requests) == 1
+
+
 async def test_discarded_waiting_deliveries_are_never_started_nor_settled() -> None:
     """Deliveries dropped from the line (their consumer was cancelled) get no store, no verdict."""
     sink = FakeSink()
