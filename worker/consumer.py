@@ -6,11 +6,10 @@ worker's CPU at 0 ms), and the pipeline needs only the body and three properties
 still owns the connection, its recovery and the channel; the subscription follows the channel
 through a reopen callback. How a delivery is settled on the broker is `worker.settle`'s.
 
-A `basic.cancel` from the broker (a consumer timeout, the queue deleted, its node leaving)
-ends that channel's part: nothing more is settled on it, deliveries not started are dropped,
-stores in flight finish but are not acked, and the channel is closed, so the broker requeues
-all of them; the consumer then subscribes on a new channel. RabbitMQ 4.3 keeps the channel
-open after a consumer timeout, and an ack there would re-activate the cancelled consumer.
+A broker `basic.cancel` (consumer timeout, queue deleted, its node leaving) retires that
+channel: nothing more is settled or started on it, and it is closed at once, so the broker
+requeues all it held; then the consumer subscribes on a new one. RabbitMQ 4.3 keeps the
+channel open after a consumer timeout, and an ack there re-activates the cancelled consumer.
 """
 
 from __future__ import annotations
@@ -35,7 +34,9 @@ from worker.topology import Topology
 
 log = structlog.get_logger("worker.consumer")
 BROKER_CALL_TIMEOUT_S = 10.0
-RECOVERY_FIRST_S = 1.0  # the wait after a failed attempt to consume again; it doubles
+# Waited before the first attempt too: made at once after a deleted queue's cancel, it passed
+# the existence check on RabbitMQ 4.3, then failed with NOT_FOUND (the deletion under way).
+RECOVERY_FIRST_S = 1.0  # doubles after each failed attempt
 RECOVERY_MAX_S = 30.0
 
 
@@ -141,9 +142,8 @@ class Consumer:
     ) -> None:
         """The broker ended our subscription (queue deleted, consumer timeout on 4.3+, ...).
 
-        Runs in aiormq's frame reader, before any later frame of the channel is handled, so no
-        ack leaves after the cancel. Without this watch the worker would sit idle and look
-        healthy: nothing re-consumes a subscription made on aiormq's channel.
+        Runs in aiormq's frame reader before any later frame of the channel, so no ack leaves
+        after the cancel; without it the worker would sit idle and look healthy.
         """
         if self._stopped or frame.consumer_tag != self._tag or self.lost:
             return
@@ -160,17 +160,20 @@ class Consumer:
             acks_dropped=dropped_acks,
             not_started=dropped,
             in_flight=self._dispatcher.in_flight,
-            redelivery_expected=True,
         )
         if self._on_cancel is not None:
             self._on_cancel()
         self._recovery = asyncio.create_task(self._recover())
 
     async def _recover(self) -> None:
-        """Consume again at once, redeclaring the topology when allowed; back off while failing."""
+        """Consume again, redeclaring the topology when allowed; back off while that fails."""
         queue = self._topology.queue
         delay_s = RECOVERY_FIRST_S
+        # Closed at once, not at the reopen: the broker requeues what it held for the other
+        # consumers now, and on 4.3 each delivery left on it would time out and cancel again.
+        await self._close_channel()
         while not self._stopped:
+            await asyncio.sleep(delay_s)
             try:
                 if await self._subscribed():
                     log.info("consumer_restored", queue=queue)
@@ -183,6 +186,7 @@ class Consumer:
                     log.warning("consumer_reopened", queue=queue, redeclared=self._redeclare)
                 return
             except Exception as exc:  # whatever it is, this watch must not die quietly
+                delay_s = min(delay_s * 2, RECOVERY_MAX_S)
                 log.warning(
                     "consumer_recovery_failed",
                     queue=queue,
@@ -190,8 +194,6 @@ class Consumer:
                     error=str(exc) or repr(exc),
                     retry_in_s=delay_s,
                 )
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, RECOVERY_MAX_S)
 
     async def _subscribed(self) -> bool:
         channel, tag = self._channel, self._tag
@@ -209,10 +211,7 @@ class Consumer:
         async with self._lock:
             if self._stopped:
                 return False
-            if self._channel is not None:
-                # Its unacked deliveries go back to the queue (if it still exists).
-                with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
-                    await asyncio.wait_for(self._channel.close(), CONFIRM_TIMEOUT_S)
+            await self._close_channel()
             # Subscribed even if the breaker paused us meanwhile: the service's steering loop
             # pauses again on its next pass, while a resume that failed on the dead channel
             # may never be retried.
@@ -220,6 +219,12 @@ class Consumer:
             await self._open(self._consuming_prefetch)
             self._resubscribed()
             return True
+
+    async def _close_channel(self) -> None:
+        """Close the consuming channel; its unacked deliveries go back to the queue (if any)."""
+        if self._channel is not None:
+            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
+                await asyncio.wait_for(self._channel.close(), CONFIRM_TIMEOUT_S)
 
     @property
     def prefetch(self) -> int:
