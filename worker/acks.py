@@ -16,7 +16,9 @@ so the acks a turn of the loop produces leave together, under these rules:
   single ack that came after a multiple ack covering it is an unknown tag, on which the
   broker closes the channel;
 - an ack on a channel already closed says False (a late settlement); one whose frame the
-  closing channel never wrote is redelivered by the broker, like any ack lost on the way.
+  closing channel never wrote is redelivered by the broker, like any ack lost on the way;
+- once the broker has cancelled the consumer (`retire`), nothing more is written on the
+  channel, not even acks decided before the cancel arrived: see `retire` for why.
 """
 
 from __future__ import annotations
@@ -41,12 +43,34 @@ class AckBatcher:
         # put can wait, and another sender must not overtake it.
         self._sending = asyncio.Lock()
         self.frames_sent = 0
+        self.retired = False
+
+    @property
+    def live(self) -> bool:
+        """Whether a settlement can still be sent: not retired and the channel open."""
+        return not self.retired and not self.channel.is_closed
 
     def __repr__(self) -> str:
         return (
             f"<AckBatcher unsettled={len(self._unsettled)} pending_acks={len(self._acked)} "
-            f"frames_sent={self.frames_sent}>"
+            f"frames_sent={self.frames_sent} retired={self.retired}>"
         )
+
+    def retire(self) -> int:
+        """The broker cancelled the consumer: settle nothing more here; returns acks dropped.
+
+        RabbitMQ 4.3 keeps the channel open after a broker `basic.cancel` (a consumer
+        timeout), and an ack on it re-activates the cancelled consumer: the broker then sends
+        deliveries to a tag the client has dropped, which sit unacked until the channel closes.
+        The consumer closes this channel next, and the broker requeues every delivery still
+        unacked on it, so an ack dropped here costs a redelivery, which the idempotency key
+        turns into an ack without a store.
+        """
+        self.retired = True
+        dropped = len(self._acked)
+        self._acked.clear()
+        self._unsettled.clear()
+        return dropped
 
     def delivered(self, tag: int) -> None:
         """A delivery arrived; its tag stays unsettled until a frame covers it."""
@@ -58,7 +82,7 @@ class AckBatcher:
         The frame is written after the turn, so a channel that closes in between is not seen
         here: the broker then redelivers the message, as for any ack lost on the way.
         """
-        if self.channel.is_closed:
+        if not self.live:
             return False
         self._acked.add(tag)
         if not self._flushing:
@@ -69,6 +93,8 @@ class AckBatcher:
     async def nack(self, tag: int) -> bool:
         """Requeue a delivery with a frame of its own; False if the channel had closed."""
         async with self._sending:
+            if not self.live:
+                return False
             self._forget(tag)  # before the frame: no multiple ack may cover it from now on
             try:
                 # basic.reject, not basic.nack: on RabbitMQ 4.3 a nack-requeue no longer counts
@@ -113,14 +139,16 @@ class AckBatcher:
         return frames
 
     async def _send(self, frames: list[tuple[int, bool]]) -> bool:
+        last = len(frames) - 1
         async with self._sending:
             try:
-                for tag, multiple in frames[:-1]:
-                    await self.channel.basic_ack(tag, multiple=multiple, wait=False)
-                if frames:
-                    tag, multiple = frames[-1]
-                    await self.channel.basic_ack(tag, multiple=multiple)
+                for index, (tag, multiple) in enumerate(frames):
+                    # Checked before each frame: a write that waits lets the cancel in between.
+                    if self.retired:
+                        return False  # decided before the cancel, written after it: see `retire`
+                    # Only the turn's last write waits for the frame to leave.
+                    await self.channel.basic_ack(tag, multiple=multiple, wait=index == last)
+                    self.frames_sent += 1
             except CONNECTION_EXCEPTIONS:
                 return False
-        self.frames_sent += len(frames)
         return True

@@ -5,12 +5,18 @@ each delivery in an `IncomingMessage` and a second task (~30 µs a message, a te
 worker's CPU at 0 ms), and the pipeline needs only the body and three properties. aio-pika
 still owns the connection, its recovery and the channel; the subscription follows the channel
 through a reopen callback. How a delivery is settled on the broker is `worker.settle`'s.
+
+A broker `basic.cancel` (consumer timeout, queue deleted, its node leaving) retires that
+channel: nothing more is settled or started on it, and it is closed at once, so the broker
+requeues all it held; then the consumer subscribes on a new one. RabbitMQ 4.3 keeps the
+channel open after a consumer timeout, and an ack there re-activates the cancelled consumer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -28,7 +34,9 @@ from worker.topology import Topology
 
 log = structlog.get_logger("worker.consumer")
 BROKER_CALL_TIMEOUT_S = 10.0
-RECOVERY_FIRST_S = 1.0  # aio-pika re-consumes on its own when the queue still exists
+# Waited before the first attempt too: made at once after a deleted queue's cancel, it passed
+# the existence check on RabbitMQ 4.3, then failed with NOT_FOUND (the deletion under way).
+RECOVERY_FIRST_S = 1.0  # doubles after each failed attempt
 RECOVERY_MAX_S = 30.0
 
 
@@ -44,6 +52,7 @@ class Consumer:
         worker_id: str,
         redeclare: bool = True,
         on_resubscribe: Callable[[], None] | None = None,
+        on_cancel: Callable[[], None] | None = None,
     ) -> None:
         self._connection = connection
         self._topology = topology
@@ -52,7 +61,9 @@ class Consumer:
         self._worker_id = worker_id
         self._redeclare = redeclare
         self._on_resubscribe = on_resubscribe
+        self._on_cancel = on_cancel
         self._acks: AckBatcher | None = None
+        self._retired: aiormq.abc.AbstractChannel | None = None  # its consumer was cancelled
         self._recovery: asyncio.Task[None] | None = None
         self._channel: AbstractRobustChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -78,6 +89,8 @@ class Consumer:
         self._queue = await channel.declare_queue(self._topology.queue, passive=True)
 
         async def on_delivered(message: DeliveredMessage) -> None:
+            if message.channel is self._retired:
+                return  # read before the cancel: the broker requeues it when the channel closes
             acks = self._acks
             if acks is None or acks.channel is not message.channel:
                 # A reconnect brings a new channel, whose delivery tags start again at 1.
@@ -124,25 +137,44 @@ class Consumer:
         if channel is None:
             return
         underlay = await channel.get_underlay_channel()
-        underlay.on_consumer_cancel_callbacks.add(self._cancelled_by_broker)
+        watch = functools.partial(self._cancelled_by_broker, underlay)
+        underlay.on_consumer_cancel_callbacks.add(watch)
 
-    def _cancelled_by_broker(self, frame: aiormq.spec.Basic.Cancel) -> None:
+    def _cancelled_by_broker(
+        self, underlay: aiormq.abc.AbstractChannel, frame: aiormq.spec.Basic.Cancel
+    ) -> None:
         """The broker ended our subscription (queue deleted, consumer timeout on 4.3+, ...).
 
-        aio-pika re-consumes by itself only while the queue exists, and says so at debug level
-        only; without a watch the worker would sit idle and look healthy.
+        Runs in aiormq's frame reader before any later frame of the channel, so no ack leaves
+        after the cancel; without it the worker would sit idle and look healthy.
         """
         if self._stopped or frame.consumer_tag != self._tag or self.lost:
             return
-        log.warning(
-            "consumer_cancelled_by_broker", queue=self._topology.queue, tag=frame.consumer_tag
+        self._retired = underlay
+        acks = self._acks
+        dropped_acks = acks.retire() if acks is not None and acks.channel is underlay else 0
+        dropped = self._dispatcher.discard_waiting(
+            lambda d: isinstance(d, AmqpDelivery) and d.acks.channel is underlay
         )
+        log.warning(
+            "consumer_cancelled_by_broker",
+            queue=self._topology.queue,
+            tag=frame.consumer_tag,
+            acks_dropped=dropped_acks,
+            not_started=dropped,
+            in_flight=self._dispatcher.in_flight,
+        )
+        if self._on_cancel is not None:
+            self._on_cancel()
         self._recovery = asyncio.create_task(self._recover())
 
     async def _recover(self) -> None:
         """Consume again, redeclaring the topology when allowed; back off while that fails."""
         queue = self._topology.queue
         delay_s = RECOVERY_FIRST_S
+        # Closed at once, not at the reopen: the broker requeues what it held for the other
+        # consumers now, and on 4.3 each delivery left on it would time out and cancel again.
+        await self._close_channel()
         while not self._stopped:
             await asyncio.sleep(delay_s)
             try:
@@ -182,10 +214,7 @@ class Consumer:
         async with self._lock:
             if self._stopped:
                 return False
-            if self._channel is not None:
-                # Its unacked deliveries go back to the queue (if it still exists).
-                with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
-                    await asyncio.wait_for(self._channel.close(), CONFIRM_TIMEOUT_S)
+            await self._close_channel()
             # Subscribed even if the breaker paused us meanwhile: the service's steering loop
             # pauses again on its next pass, while a resume that failed on the dead channel
             # may never be retried.
@@ -193,6 +222,12 @@ class Consumer:
             await self._open(self._consuming_prefetch)
             self._resubscribed()
             return True
+
+    async def _close_channel(self) -> None:
+        """Close the consuming channel; its unacked deliveries go back to the queue (if any)."""
+        if self._channel is not None:
+            with contextlib.suppress(TimeoutError, *CONNECTION_EXCEPTIONS):
+                await asyncio.wait_for(self._channel.close(), CONFIRM_TIMEOUT_S)
 
     @property
     def prefetch(self) -> int:

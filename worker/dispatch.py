@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import structlog
@@ -53,6 +53,18 @@ class Dispatcher:
             return
         self._waiting.append(delivery)
         self._start_waiting()
+
+    def discard_waiting(self, stale: Callable[[Delivery], bool]) -> int:
+        """Never start the waiting deliveries `stale` picks; returns how many were dropped.
+
+        For deliveries of a channel whose consumer the broker cancelled: they are not settled
+        at all, because the broker requeues them when that channel closes, and storing them
+        first would only make that redelivery a duplicate.
+        """
+        kept = deque(d for d in self._waiting if not stale(d))
+        dropped = len(self._waiting) - len(kept)
+        self._waiting = kept
+        return dropped
 
     def _start_waiting(self) -> None:
         while self._waiting and self._running < self.limit and not self._closing:

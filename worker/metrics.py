@@ -84,6 +84,13 @@ class Metrics:
             "Times the consumer subscribed again (breaker resume or probe, broker cancel).",
             registry=self.registry,
         )
+        # No reason label: a broker's basic.cancel does not say why (a consumer timeout, the
+        # queue deleted, its node leaving); the worker's log line has the context.
+        self.consumer_cancels = Counter(
+            "memory_worker_consumer_cancels",
+            "Times the broker cancelled the consumer; each closes its channel and consumes anew.",
+            registry=self.registry,
+        )
         self.ledger_duplicates = Counter(
             "memory_worker_ledger_duplicates",
             "Deliveries acked without a store because the shared ledger says stored.",

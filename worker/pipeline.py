@@ -31,6 +31,7 @@ from worker.summary import requests_for
 log = structlog.get_logger("worker.pipeline")
 NOT_ATTEMPTED = "sink circuit open: not attempted"
 IN_FLIGHT_ELSEWHERE = "another store of this item is in flight: not attempted"
+IN_FLIGHT_HERE = "a store of this item is in flight in this worker: not attempted"
 _DUPLICATE = Outcome.duplicate()  # immutable, so one instance serves every store
 
 
@@ -77,6 +78,7 @@ class Pipeline:
         self._resume_at = 0.0  # monotonic time before which no store starts (Retry-After)
         self._policy: RetryPolicy = settings.retry.policy
         self._recent = RecentKeys(settings.worker.dedupe_cache_size)
+        self._storing: set[str] = set()  # keys of the deliveries being stored now
         self._ledger: Ledger = ledger if ledger is not None else NoLedger()
 
     async def store_item(self, item: MemoryItem, key: str) -> Outcome:
@@ -243,7 +245,15 @@ class Pipeline:
             return Outcome.invalid(exc.reason, exc.detail)
         try:
             key = key_of(delivery.message_id, item, self._settings.worker.key_fields)
-            return await self.store_item(item, key)
+            if key in self._storing:
+                # A redelivery whose first store still runs here (its channel closed, or the
+                # broker cancelled our consumer): it waits, as for another worker's store.
+                return Outcome.deferred(IN_FLIGHT_HERE)
+            self._storing.add(key)
+            try:
+                return await self.store_item(item, key)
+            finally:
+                self._storing.discard(key)
         except Exception as exc:
             log.exception("store_crashed", idempotency_key=key)
             return Outcome.crashed(exc)

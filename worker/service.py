@@ -121,6 +121,7 @@ class Service:
             s.worker.id,
             redeclare=s.rabbitmq.declare,
             on_resubscribe=self.metrics.resubscriptions.inc,
+            on_cancel=self.metrics.consumer_cancels.inc,
         )
         self._stack.push_async_callback(self._consumer.close)
         await self._consumer.start()

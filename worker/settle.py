@@ -4,7 +4,10 @@ Delivery rules, in the order they happen:
 - a retry or dead letter is *published with confirms first* and the original acked after, so a
   failed publish loses nothing (at worst a duplicate copy);
 - a settlement on a channel that has closed is counted and dropped, never retried: the broker
-  has already requeued that delivery, and its tag means nothing on a new channel.
+  has already requeued that delivery, and its tag means nothing on a new channel;
+- so is one on a channel whose consumer the broker cancelled (`AckBatcher.retire`): the
+  consumer closes that channel, so the delivery comes back, and a retry or dead letter
+  published for it now would be a second copy.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from worker.pipeline import Verdict
 from worker.topology import Topology
 
 log = structlog.get_logger("worker.settle")
+CANCELLED = "consumer cancelled by the broker"  # why a settlement after a cancel was dropped
 
 
 def copy_message(message: AbstractIncomingMessage, headers: Mapping[str, Any]) -> aio_pika.Message:
@@ -127,9 +131,16 @@ class AmqpDelivery:
         self.headers: Mapping[str, Any] = properties.headers or {}
         acks.delivered(self._tag)
 
+    @property
+    def acks(self) -> AckBatcher:
+        """The settler of the channel this delivery came on."""
+        return self._acks
+
     async def settle(self, verdict: Verdict) -> bool:
         """Settle on the broker exactly once; False when the channel had already closed."""
         action = verdict.decision.action
+        if self._acks.retired:
+            return _closed(action.value, None, CANCELLED)
         try:
             if action is Action.RETRY:
                 await self._outbox.retry(IncomingMessage(self._message), verdict)
@@ -145,11 +156,14 @@ class AmqpDelivery:
             settled = await self._acks.nack(self._tag)
         else:
             settled = self._acks.ack(self._tag)
-        return settled or _closed(action.value, None)
+        if settled:
+            return True
+        why = CANCELLED if self._acks.retired else "channel closed"
+        return _closed(action.value, None, why)
 
 
-def _closed(action: str, exc: BaseException | None) -> bool:
+def _closed(action: str, exc: BaseException | None, why: str = "channel closed") -> bool:
     """Log a settlement the closed channel refused; never retried, the broker requeued it."""
-    error = repr(exc) if exc is not None else "channel closed"
+    error = repr(exc) if exc is not None else why
     log.warning("settle_on_closed_channel", action=action, error=error, redelivery_expected=True)
     return False

@@ -47,9 +47,8 @@ RECOVERY_EVENTS = (
 )
 
 
-@pytest.fixture(scope="module")
-def node() -> Iterator[BrokerNode]:
-    """A private RabbitMQ node for this module; stopped and removed at the end."""
+def private_node() -> Iterator[BrokerNode]:
+    """A private RabbitMQ node, stopped and removed at the end (body of a module's `node`)."""
     try:
         install = find_install()  # the installed RabbitMQ, or 4.3 when asked for
     except BrokerNodeError as exc:
@@ -62,6 +61,12 @@ def node() -> Iterator[BrokerNode]:
     # management: the policy preflight
     with BrokerNode(management=True, install=install) as broker:
         yield broker
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[BrokerNode]:
+    """A private RabbitMQ node for this module; stopped and removed at the end."""
+    yield from private_node()
 
 
 @pytest.fixture(scope="module")

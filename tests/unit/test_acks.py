@@ -120,6 +120,49 @@ async def test_channel_closing_before_the_turn_ends_loses_nothing() -> None:
     assert acks.frames_sent == 0
 
 
+async def test_a_requeue_is_a_basic_reject_never_a_nack() -> None:
+    """A requeue is a basic.reject: it counts toward 4.3's delivery limit, a nack would not."""
+    frames: list[tuple[str, int, bool]] = []
+
+    class Recording(FakeChannel):
+        async def basic_reject(self, tag: int, *, requeue: bool = True, wait: bool = True) -> None:
+            frames.append(("reject", tag, requeue))
+
+        async def basic_nack(self, tag: int, *args: object, **kwargs: object) -> None:
+            frames.append(("nack", tag, True))
+
+    acks = AckBatcher(Recording())  # type: ignore[arg-type]
+    acks.delivered(1)
+    assert await acks.nack(1)
+    assert frames == [("reject", 1, True)]
+
+
+async def test_retired_batcher_drops_pending_acks_and_refuses_more() -> None:
+    """After the broker's cancel, acks decided before it and any settlement after send nothing."""
+    acks, channel = batcher(range(1, 5))
+    assert acks.ack(1) and acks.ack(2)  # decided, not yet written: the turn has not ended
+    assert acks.retire() == 2
+    assert acks.ack(3) is False
+    assert await acks.nack(4) is False
+    await turn()
+    assert channel.frames == []
+    assert not acks.live and acks.frames_sent == 0
+
+
+async def test_a_turn_waiting_to_write_when_retired_is_not_written() -> None:
+    """A turn's acks queued behind a hanging write are dropped when the consumer is cancelled."""
+    acks, channel = batcher(range(1, 4))
+    channel.gate = asyncio.Event()
+    acks.ack(1)
+    await turn()  # ack 1 is written and its write hangs, holding the sender
+    acks.ack(2)
+    await turn()  # the turn with ack 2 waits for the sender
+    acks.retire()
+    channel.gate.set()
+    await acks.flush()
+    assert channel.frames == [("ack", 1, False)]
+
+
 class Broker(FakeChannel):
     """A fake channel that checks each frame as RabbitMQ would, against what we settled."""
 

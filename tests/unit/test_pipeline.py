@@ -731,3 +731,39 @@ async def test_parked_copy_keeps_its_attempts_and_restarts_the_budget_clock() ->
     await pipeline.handle(old)
     assert old.verdict.decision.action is Action.RETRY and not old.verdict.decision.counts
     assert old.verdict.attempt == 3 and old.verdict.first_failure_ts is None
+
+
+async def test_redelivery_while_its_store_runs_is_deferred_not_stored_twice() -> None:
+    """A second delivery of an item whose store still runs here is parked, not stored again."""
+    sink = FakeSink()
+    sink.gate = asyncio.Event()
+    pipeline = make_pipeline(sink)
+    first = asyncio.create_task(pipeline.handle(delivery("slow", message_id="m-1")))
+    await until(lambda: sink.active == 1)
+    again = await pipeline.handle(delivery("slow", message_id="m-1"))
+    sink.gate.set()
+    assert (await first).outcome.kind is Kind.STORED
+    assert again.outcome.kind is Kind.DEFERRED
+    assert again.decision.action is Action.RETRY and not again.decision.counts
+    assert len(sink.requests) == 1
+    # Once stored, its next copy is a duplicate, acked without a store.
+    later = await pipeline.handle(delivery("slow", message_id="m-1"))
+    assert later.outcome.kind is Kind.DUPLICATE and len(sink.requests) == 1
+
+
+async def test_discarded_waiting_deliveries_are_never_started_nor_settled() -> None:
+    """Deliveries dropped from the line (their consumer was cancelled) get no store, no verdict."""
+    sink = FakeSink()
+    sink.gate = asyncio.Event()
+    dispatcher = Dispatcher(make_pipeline(sink), limit=1)
+    deliveries = [delivery(content) for content in "abcd"]
+    for d in deliveries:
+        dispatcher.submit(d)
+    await until(lambda: sink.active == 1)
+    dropped = dispatcher.discard_waiting(lambda d: d in (deliveries[1], deliveries[3]))
+    sink.gate.set()
+    await until(lambda: bool(deliveries[2].verdicts))
+    assert await dispatcher.drain(grace_s=5.0) == 0
+    assert dropped == 2
+    assert [r.content for r in sink.requests] == ["a", "c"]
+    assert not deliveries[1].verdicts and not deliveries[3].verdicts
