@@ -60,8 +60,8 @@ class Consumer:
         self._prefetch = prefetch
         self._worker_id = worker_id
         self._redeclare = redeclare
-        self._on_resubscribe = on_resubscribe
-        self._on_cancel = on_cancel
+        self._on_resubscribe = on_resubscribe or (lambda: None)
+        self._on_cancel = on_cancel or (lambda: None)
         self._acks: AckBatcher | None = None
         self._retired: aiormq.abc.AbstractChannel | None = None  # its consumer was cancelled
         self._recovery: asyncio.Task[None] | None = None
@@ -164,8 +164,7 @@ class Consumer:
             not_started=dropped,
             in_flight=self._dispatcher.in_flight,
         )
-        if self._on_cancel is not None:
-            self._on_cancel()
+        self._on_cancel()
         self._recovery = asyncio.create_task(self._recover())
 
     async def _recover(self) -> None:
@@ -220,7 +219,7 @@ class Consumer:
             # may never be retried.
             self._tag = None
             await self._open(self._consuming_prefetch)
-            self._resubscribed()
+            self._on_resubscribe()
             return True
 
     async def _close_channel(self) -> None:
@@ -268,10 +267,6 @@ class Consumer:
                 log.warning("consumer_resume_failed", error=repr(exc))
                 return
             self._consuming_prefetch = prefetch
-            self._resubscribed()
-
-    def _resubscribed(self) -> None:
-        if self._on_resubscribe is not None:
             self._on_resubscribe()
 
     async def cancel(self) -> None:
