@@ -7,8 +7,8 @@ their own (a prepared tree's; nodes of the installed RabbitMQ would register wit
 machine's epmd, under names of their own), so nothing of the shared broker's is touched. The
 first node forms the cluster; the others `join_cluster` it.
 
-Measured with RabbitMQ 4.3 on 2 shared cores: the cluster forms in about 26 s (three nodes
-booting at once, two joins), a node stops in about 3 s and boots again in 6-10 s.
+Measured with RabbitMQ 4.3 on 2 shared cores: the cluster forms in 23-30 s (three nodes
+booting at once, two joins), a node stops in about 3 s and boots again in 4-10 s.
 """
 
 from __future__ import annotations
