@@ -7,7 +7,7 @@ their own (a prepared tree's; nodes of the installed RabbitMQ would register wit
 machine's epmd, under names of their own), so nothing of the shared broker's is touched. The
 first node forms the cluster; the others `join_cluster` it.
 
-Measured with RabbitMQ 4.3 on 2 shared cores: the cluster forms in 23-30 s (three nodes
+Measured with RabbitMQ 4.3 on 2 shared cores: the cluster forms in 17-30 s (three nodes
 booting at once, two joins), a node stops in about 3 s and boots again in 4-10 s.
 """
 

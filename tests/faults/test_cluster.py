@@ -6,7 +6,7 @@ to node 1 and B to node 2; the work queue's leader starts on node 3, where no wo
 run's three faults, in order, while a few thousand items flow:
 
 (a) node 3, the queue leader, stops cleanly and comes back: a new leader takes over at once;
-(b) node 2, B's node (often the new leader too), is SIGKILLed: B's connection drops with
+(b) node 2, B's node (sometimes the new leader too), is SIGKILLed: B's connection drops with
     stores in flight, their acks are lost, and B fails over to the next node in its
     `rabbitmq.url`; the queue hands the deliveries B held to a consumer once the
     consumer-disconnected timeout (set short by policy here, see `DISCONNECTED_TIMEOUT_MS`)
@@ -54,7 +54,8 @@ FAILOVER = True
 #: returns them (4.3's default: 60 s, during which they are stuck). A worker's deliveries are
 #: worth returning soon: their acks died with the node, and a redelivery costs at most a
 #: duplicate. Set by policy (`consumer-disconnected-timeout`), as an operator would.
-#: `MW_CLUSTER_DISCONNECTED_TIMEOUT_MS` changes it for a try (60000 shows the default's stall).
+#: `MW_CLUSTER_DISCONNECTED_TIMEOUT_MS` changes it for a try (60000, the default's stall, needs
+#: a GOOD of about 6,000 for the run to outlast the wait).
 DISCONNECTED_TIMEOUT_MS = int(os.environ.get("MW_CLUSTER_DISCONNECTED_TIMEOUT_MS", "5000"))
 #: Stand-in latency during the faults: 10 stores at once make ~65 items a second, so the run
 #: outlasts the three faults; it drops to 0 for the rest.
