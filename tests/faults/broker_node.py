@@ -234,7 +234,18 @@ class BrokerNode:
         self.management_port = free_port() if self._management else 0
         self._write_files(self._dir)
         self._start_epmd()
-        output = (self._dir / "server.out").open("wb")
+        self._spawn()
+        self._await_startup()
+
+    def _spawn(self) -> None:
+        """Run the server script on the node's files (`_await_startup` waits for it).
+
+        Call it from a thread that outlives the node: the script's parent-death signal fires
+        when the thread that started it ends, not only the process.
+        """
+        assert self._dir is not None
+        # Appended: a restarted node's earlier output stays readable in `log_tail`.
+        output = (self._dir / "server.out").open("ab")
         with output:
             self._process = subprocess.Popen(
                 [str(self.server)],
@@ -247,7 +258,6 @@ class BrokerNode:
                 # subprocess has no other way to set a parent-death signal (a prctl in the child).
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
             )
-        self._await_startup()
 
     def _start_epmd(self) -> None:
         """A prepared tree's node gets an epmd of its own, stopped with the node."""
@@ -255,22 +265,7 @@ class BrokerNode:
             return
         assert self._dir is not None
         self.epmd_port = free_port()
-        with (self._dir / "epmd.out").open("wb") as output:
-            self._epmd = subprocess.Popen(
-                [str(self.install.epmd), "-port", str(self.epmd_port), "-address", "127.0.0.1"],
-                env=self._env(),
-                cwd=self._dir,
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
-            )
-        deadline = time.monotonic() + 10
-        while not _listens(self.epmd_port):
-            if self._epmd.poll() is not None or time.monotonic() > deadline:
-                raise NodeExited(f"epmd on port {self.epmd_port} did not start")
-            time.sleep(0.05)
+        self._epmd = start_epmd(self.install.epmd, self.epmd_port, self._dir, self._env())
 
     def _await_startup(self) -> None:
         assert self._process is not None
@@ -406,6 +401,29 @@ class BrokerNode:
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def start_epmd(epmd: Path, port: int, folder: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start a private epmd on 127.0.0.1:`port`, its output in `folder`; wait until it listens."""
+    with (folder / "epmd.out").open("wb") as output:
+        process = subprocess.Popen(
+            [str(epmd), "-port", str(port), "-address", "127.0.0.1"],
+            env=env,
+            cwd=folder,
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # noqa: PLW1509
+        )
+    deadline = time.monotonic() + 10
+    while not _listens(port):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()  # by its PID: it is ours
+            process.wait()
+            raise NodeExited(f"epmd on port {port} did not start")
+        time.sleep(0.05)
+    return process
 
 
 def _listens(port: int) -> bool:

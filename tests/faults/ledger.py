@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlparse, urlunparse
 
@@ -95,15 +96,21 @@ class EarlyAcks:
     keeps the largest. It is a lower bound: a prefetched delivery not yet started counts as
     unacked too and can hide one. A sample in which no store started or ended is exact
     (`exact` counts those): a held or paused sink gives many. A connection opened between
-    the two rabbitmqctl calls of a sample is missed, so tests that cut connections skip it.
+    the two rabbitmqctl calls of a sample is missed, so tests that cut connections skip it,
+    or pause it around the cut (`paused`). With several workers' settings, their connections
+    are counted together, as the stand-in counts all their stores.
     """
 
-    def __init__(self, sb: StandIn, settings, interval_s: float = 0.5) -> None:
+    def __init__(self, sb: StandIn, *settings, interval_s: float = 0.5) -> None:
         self._sb = sb
-        self._connection_name = f"memory-worker {settings.worker.id}"
+        # Several workers' settings: their connections together against the one stand-in.
+        self._connection_names = [f"memory-worker {s.worker.id}" for s in settings]
         self._interval_s = interval_s
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._sampling = asyncio.Lock()
+        self._paused = False
+        self.paused_samples = 0  # samples skipped while paused
         self.samples = 0
         self.exact = 0
         self.worst = 0  # the largest (surely waiting - unacked); above 0 is an early ack
@@ -117,7 +124,7 @@ class EarlyAcks:
     async def sample(self) -> tuple[int, int]:
         """Take one sample; returns (stores surely waiting, unacked deliveries)."""
         before = self._sb.stats
-        unacked = await unacked_deliveries(self._connection_name)
+        unacked = await unacked_deliveries(*self._connection_names)
         after = self._sb.stats
         started = after.calls - before.calls
         waiting = max(0, after.waiting - started)
@@ -128,9 +135,28 @@ class EarlyAcks:
         self.max_unacked = max(self.max_unacked, unacked)
         return waiting, unacked
 
+    @contextlib.asynccontextmanager
+    async def paused(self) -> AsyncIterator[None]:
+        """No samples inside: for a fault that drops a worker's channel while its stores run.
+
+        Entering waits for a sample in progress, so none straddles the fault. Those stores
+        then wait at the stand-in with no unacked delivery behind them (the broker requeued
+        it), which a sample would read as early acks; leave once they have ended.
+        """
+        async with self._sampling:
+            self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     async def _run(self) -> None:
         while not self._stop.is_set():
-            await self.sample()
+            async with self._sampling:
+                if self._paused:
+                    self.paused_samples += 1
+                else:
+                    await self.sample()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), self._interval_s)
 
@@ -145,9 +171,10 @@ class EarlyAcks:
         await self._task
 
     def __str__(self) -> str:
+        paused = f", paused={self.paused_samples}" if self.paused_samples else ""
         return (
             f"EarlyAcks(samples={self.samples}, exact={self.exact}, "
-            f"max_unacked={self.max_unacked}, early_acks={self.early_acks})"
+            f"max_unacked={self.max_unacked}, early_acks={self.early_acks}{paused})"
         )
 
 
@@ -157,9 +184,9 @@ def vhost(amqp_url: str) -> str:
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
-async def unacked_deliveries(connection_name: str) -> int:
-    """Deliveries unacked on the channels of the connections named `connection_name`."""
-    pids = set(await connection_pids(connection_name))
+async def unacked_deliveries(*connection_names: str) -> int:
+    """Deliveries unacked on the channels of the connections named any of `connection_names`."""
+    pids = set(await connection_pids(*connection_names))
     raw = await rabbitmqctl(
         "list_channels", "--no-table-headers", "connection", "messages_unacknowledged"
     )
@@ -215,11 +242,13 @@ def via(amqp_url: str, port: int | None = None, query: str = FAST_RECONNECT) -> 
     return urlunparse(parsed._replace(netloc=netloc, query=query))
 
 
-async def connection_pids(connection_name: str) -> list[str]:
-    """Erlang pids of the broker connections whose client named itself `connection_name`."""
+async def connection_pids(*connection_names: str) -> list[str]:
+    """Erlang pids of the broker connections whose client named itself one of the names."""
     raw = await rabbitmqctl("list_connections", "pid", "client_properties")
-    wanted = f'{{"connection_name","{connection_name}"}}'
-    return [line.split("\t", 1)[0] for line in raw.splitlines() if wanted in line]
+    wanted = [f'{{"connection_name","{name}"}}' for name in connection_names]
+    return [
+        line.split("\t", 1)[0] for line in raw.splitlines() if any(name in line for name in wanted)
+    ]
 
 
 class Proxy:
