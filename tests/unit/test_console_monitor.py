@@ -50,3 +50,28 @@ async def test_management_api_feeds_queues_and_finds_workers() -> None:
     assert worker.url == f"http://127.0.0.1:{port}/w" and worker.limit == 6
     assert worker.stores_per_s is not None and worker.stores_per_s > 0
     assert len(monitor.history.samples) == 2
+
+
+async def test_a_cluster_url_reads_the_queues_of_its_vhost() -> None:
+    """With several nodes in rabbitmq.url the queues are read in their vhost, not a mangled one."""
+    asked: list[str] = []
+
+    async def queues(request: web.Request) -> web.Response:
+        asked.append(request.match_info["vhost"])
+        return web.json_response([{"name": "memory.items", "messages_ready": 2, "consumers": 0}])
+
+    async def connections(_: web.Request) -> web.Response:
+        return web.json_response([])
+
+    app = web.Application()
+    app.router.add_get("/api/queues/{vhost}", queues)
+    app.router.add_get("/api/connections", connections)
+    async with TestServer(app, host="127.0.0.1") as server:
+        nodes = "amqp://g:g@10.0.0.1:5672/prod,amqp://g:g@10.0.0.2:5672/prod"
+        settings = load_settings(
+            {"rabbitmq": {"url": nodes, "management_url": f"http://127.0.0.1:{server.port}/"}}
+        )
+        async with Monitor(settings, None, refresh_s=60) as monitor:  # type: ignore[arg-type]
+            pass
+    assert asked == ["prod"] and monitor.error is None
+    assert monitor.rows[0].ready == 2

@@ -83,7 +83,8 @@ class Monitor:
             raise RuntimeError("not open: use `async with Monitor(...)`")
         mq = self._settings.rabbitmq
         management = mq.management_url.get_secret_value() if mq.management_url else None
-        amqp = mq.url.get_secret_value()
+        # One address: every node of a cluster serves the worker's vhost.
+        amqp = mq.urls[0]
         urls = [str(u).rstrip("/") for u in self._settings.console.workers]
         self.error = None
         try:

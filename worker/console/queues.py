@@ -11,12 +11,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlparse
+from urllib.parse import quote
 
 import aiormq
 import httpx
 from aio_pika.abc import AbstractConnection
 
+from worker.addresses import vhost
 from worker.topology import Topology
 
 #: Samples kept for the graph: ten minutes at the overview's refresh period.
@@ -63,12 +64,6 @@ async def passive(connection: AbstractConnection, topology: Topology) -> list[Qu
     return rows
 
 
-def vhost_of(amqp_url: str) -> str:
-    """The vhost an AMQP URL names ("/" when none)."""
-    path = urlparse(amqp_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
-
-
 def api_url(management_url: str, path: str) -> tuple[httpx.URL, httpx.BasicAuth | None]:
     """`<management>/api/<path>` without credentials, and the credentials as basic auth."""
     base = httpx.URL(management_url)
@@ -80,9 +75,12 @@ def api_url(management_url: str, path: str) -> tuple[httpx.URL, httpx.BasicAuth 
 async def managed(
     client: httpx.AsyncClient, management_url: str, amqp_url: str, topology: Topology
 ) -> list[QueueRow]:
-    """Depths, consumers and rates of each queue from the management API."""
-    vhost = quote(vhost_of(amqp_url), safe="")
-    url, auth = api_url(management_url, f"queues/{vhost}")
+    """Depths, consumers and rates of each queue from the management API.
+
+    `amqp_url` is one broker address (a cluster's nodes share the vhost): the whole
+    comma-separated `rabbitmq.url` would put the other nodes' addresses into the vhost.
+    """
+    url, auth = api_url(management_url, f"queues/{quote(vhost(amqp_url), safe='')}")
     response = await client.get(url, auth=auth)
     response.raise_for_status()
     found = {q.get("name"): q for q in response.json() if isinstance(q, dict)}
