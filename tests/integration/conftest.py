@@ -94,10 +94,15 @@ def amqp_url() -> Iterator[str]:
 def management_url(amqp_url: str) -> str:
     """The session broker's management API: $MEMORY_WORKER_TEST_MANAGEMENT_URL, else the
     private node's; skipped otherwise (the machine's broker runs without the plugin)."""
-    url = os.environ.get(MANAGEMENT_URL_ENV) or next(iter(_MANAGEMENT_URLS), None)
+    url = session_management_url()
     if url is None:
         pytest.skip(f"the broker has no management API here: set {MANAGEMENT_URL_ENV}")
     return url
+
+
+def session_management_url() -> str | None:
+    """The management API of the session's broker, once `amqp_url` has started it, else None."""
+    return os.environ.get(MANAGEMENT_URL_ENV) or next(iter(_MANAGEMENT_URLS), None)
 
 
 def _exec(container: Any) -> Ctl:
