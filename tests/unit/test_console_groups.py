@@ -104,6 +104,17 @@ def test_workers_are_found_by_the_properties_they_advertise() -> None:
     assert advertise(settings, None) == {}
 
 
+def test_workers_of_the_same_queue_in_another_vhost_are_not_the_consoles() -> None:
+    """A worker advertising the console's queue name in another vhost is not one of its own."""
+    props = {OPS_URL_PROPERTY: "http://10.0.0.1:9464", QUEUE_PROPERTY: "memory.items"}
+    staging = {OPS_URL_PROPERTY: "http://10.0.0.2:9464", QUEUE_PROPERTY: "memory.items"}
+    connections = [
+        {"client_properties": props, "vhost": "prod"},
+        {"client_properties": staging, "vhost": "staging"},
+    ]
+    assert advertised(connections, "memory.items", "prod") == ["http://10.0.0.1:9464"]
+
+
 def test_a_worker_on_every_address_advertises_one_others_can_reach(monkeypatch) -> None:
     """Bound to 0.0.0.0, a worker advertises the address its host name resolves to."""
     monkeypatch.setattr(socket, "gethostname", lambda: "pod-7")

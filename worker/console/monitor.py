@@ -13,6 +13,7 @@ import structlog
 from aio_pika.abc import AbstractConnection
 from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 
+from worker.addresses import vhost
 from worker.console import queues
 from worker.console.workers import Workers, advertised
 from worker.settings import Settings
@@ -91,7 +92,7 @@ class Monitor:
             if management is not None:
                 self.rows = await queues.managed(client, management, amqp, self._topology)
                 self.source = "management API"
-                urls = sorted({*urls, *await self._advertised(client, management)})
+                urls = sorted({*urls, *await self._advertised(client, management, amqp)})
             else:
                 self.rows = await queues.passive(self._connection, self._topology)
             self.history.add(self.rows)
@@ -100,11 +101,12 @@ class Monitor:
         await self.workers.poll(client, urls, time.monotonic())
         self.polled_at = time.time()
 
-    async def _advertised(self, client: httpx.AsyncClient, management: str) -> list[str]:
+    async def _advertised(self, client: httpx.AsyncClient, management: str, amqp: str) -> list[str]:
         url, auth = queues.api_url(management, "connections")
-        response = await client.get(url, params={"columns": "client_properties"}, auth=auth)
+        columns = {"columns": "client_properties,vhost"}
+        response = await client.get(url, params=columns, auth=auth)
         response.raise_for_status()
-        return advertised(response.json(), self._topology.queue)
+        return advertised(response.json(), self._topology.queue, vhost(amqp))
 
 
 def _reap(task: asyncio.Task[None]) -> None:

@@ -22,12 +22,18 @@ BREAKER_STATES = {0: "closed", 1: "half-open", 2: "open"}
 LATENCY = "memory_worker_sink_latency_seconds"
 
 
-def advertised(connections: Any, queue: str) -> list[str]:
-    """Ops URLs in the management API's connections that consume `queue`, sorted, once each."""
+def advertised(connections: Any, queue: str, vhost: str | None = None) -> list[str]:
+    """Ops URLs in the management API's connections that consume `queue` (in `vhost` where
+    given: one broker may serve several environments under the same queue name), sorted,
+    once each."""
     urls: set[str] = set()
     for connection in connections if isinstance(connections, list) else []:
-        props = connection.get("client_properties") if isinstance(connection, dict) else None
+        if not isinstance(connection, dict):
+            continue
+        props = connection.get("client_properties")
         if not isinstance(props, Mapping) or props.get(QUEUE_PROPERTY) != queue:
+            continue
+        if vhost is not None and connection.get("vhost", vhost) != vhost:
             continue
         url = props.get(OPS_URL_PROPERTY)
         if isinstance(url, str) and url.startswith(("http://", "https://")):
