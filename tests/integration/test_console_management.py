@@ -9,17 +9,26 @@ prepares 4.3), or when 4.3 was asked for, it fails instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from html.parser import HTMLParser
+from urllib.parse import quote
 
 import aiohttp
 import pytest
 
 from tests.faults.broker_node import BrokerNode, BrokerNodeError, find_install, selected_version
 from tests.integration.conftest import session_management_url
-from tests.integration.helpers import item, rabbitmqctl_for, wait_until
+from tests.integration.helpers import (
+    has_rabbitmqctl,
+    item,
+    rabbitmqctl,
+    rabbitmqctl_for,
+    wait_until,
+)
 from worker.console.server import ConsoleServer
 from worker.publisher import Publisher
 from worker.service import Service
@@ -138,6 +147,11 @@ class Seen:
         rows = [row for row in self.workers if row[0] == self.ops_url and len(row) == 7]
         return rows[0] if rows else None
 
+    def consumers(self, role: str) -> str | None:
+        """The consumers cell of a queue, by role, once shown."""
+        row = self.queues.get(role)
+        return row[4] if row else None
+
     def rated(self) -> bool:
         """Whether the worker has been read twice (it has a rate, if only 0.0)."""
         return self.worker is not None and self.worker[3] != "-"
@@ -149,7 +163,7 @@ class Seen:
             self.source
             and work is not None
             and dlq is not None
-            and work[4] == "1"
+            and self.consumers("work") == "1"
             and "-" not in (work[3], work[5], work[6], dlq[5])
             and dlq[2] == str(DEAD)
             and self.stores_per_s > 0
@@ -219,3 +233,45 @@ async def test_console_reads_queues_and_workers_from_the_management_api(
     assert seen.worker[6].endswith(f"/ {LIMIT}"), seen.worker
     counts = {row[0]: int(row[1]) for row in groups[1:]}
     assert counts == {"rejected_by_sink": REJECTED, "invalid_json": 2, "schema": 1}, groups
+
+
+@contextlib.asynccontextmanager
+async def vhost(name: str) -> AsyncIterator[None]:
+    """A vhost guest may use, deleted with everything in it at the end."""
+    await rabbitmqctl("add_vhost", name)
+    try:
+        await rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+        yield
+    finally:
+        await rabbitmqctl("delete_vhost", name)
+
+
+@pytest.mark.timeout(300)
+async def test_console_reads_its_own_vhost_and_only_its_workers(
+    make_settings, amqp_url, management_url
+):
+    """In a vhost named with a slash the console reads its queues, not another vhost's worker."""
+    if not has_rabbitmqctl():
+        if os.environ.get("CI"):
+            pytest.fail("rabbitmqctl is needed to add a vhost")
+        pytest.skip("needs rabbitmqctl for the broker under test")
+    name = f"mw-test/{uuid.uuid4().hex[:8]}"
+    ops = {"ops_port": 0, "ops_host": "127.0.0.1"}
+    async with StandIn() as sb, vhost(name):
+        settings = make_settings(
+            pools={"session_buddy_url": sb.url},
+            rabbitmq={"url": amqp_url + quote(name, safe=""), "management_url": management_url},
+            worker=ops,
+        )
+        # The same queue names in the default vhost, consumed by a worker of their own.
+        elsewhere = make_settings(pools={"session_buddy_url": sb.url}, worker=ops)
+        async with (
+            Service(settings) as service,
+            Service(elsewhere),
+            ConsoleServer(settings, "127.0.0.1", 0, read_only=True, refresh_s=0.5) as console,
+            aiohttp.ClientSession(console.url) as http,
+        ):
+            seen = Seen(f"http://127.0.0.1:{service.ops_port}")
+            await watch(http, seen, lambda: seen.rated() and seen.consumers("work") == "1")
+    assert seen.source and seen.consumers("work") == "1", seen.queues
+    assert [row[0] for row in seen.workers] == [seen.ops_url], seen.workers
