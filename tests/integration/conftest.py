@@ -105,6 +105,36 @@ def session_management_url() -> str | None:
     return os.environ.get(MANAGEMENT_URL_ENV) or next(iter(_MANAGEMENT_URLS), None)
 
 
+def broker_with_management(amqp_url: str, apis: list[str], purpose: str) -> Iterator[str]:
+    """Body of a module's `amqp_url`: the session's broker where it has a management API, else
+    a private 4.3 node with one (the machine's broker has none); its API URL is on `apis`
+    meanwhile. Without 4.3 prepared: skipped locally, failed in CI or when 4.3 was asked for."""
+    if (api := session_management_url()) is not None:
+        apis.append(api)
+        yield amqp_url
+        apis.remove(api)
+        return
+    from tests.faults.broker_node import (  # noqa: PLC0415 - only these modules start a node
+        BrokerNode,
+        BrokerNodeError,
+        find_install,
+        selected_version,
+    )
+    from tests.integration.helpers import rabbitmqctl_for  # noqa: PLC0415
+
+    try:
+        install = find_install("4.3")
+    except BrokerNodeError as exc:
+        message = f"{exc}: {purpose} start a private node"
+        if os.environ.get("CI") or selected_version():
+            pytest.fail(message)
+        pytest.skip(message)
+    with BrokerNode(management=True, install=install) as node, rabbitmqctl_for(node.ctl):
+        apis.append(node.management_url)
+        yield node.amqp_url
+        apis.remove(node.management_url)
+
+
 def _exec(container: Any) -> Ctl:
     """`rabbitmqctl -q ARGS` run inside a testcontainer."""
 

@@ -20,13 +20,11 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
-from tests.faults.broker_node import BrokerNode, BrokerNodeError, find_install, selected_version
-from tests.integration.conftest import session_management_url
+from tests.integration.conftest import broker_with_management
 from tests.integration.helpers import (
     has_rabbitmqctl,
     item,
     rabbitmqctl,
-    rabbitmqctl_for,
     wait_until,
 )
 from worker.console.server import ConsoleServer
@@ -55,22 +53,7 @@ _API: list[str] = []
 @pytest.fixture(scope="module")
 def amqp_url(amqp_url: str) -> Iterator[str]:
     """The session's broker where it has a management API, else a private 4.3 node with one."""
-    if (api := session_management_url()) is not None:
-        _API.append(api)
-        yield amqp_url
-        _API.remove(api)
-        return
-    try:
-        install = find_install("4.3")
-    except BrokerNodeError as exc:
-        message = f"{exc}: the console's management API test starts a private node"
-        if os.environ.get("CI") or selected_version():
-            pytest.fail(message)
-        pytest.skip(message)
-    with BrokerNode(management=True, install=install) as node, rabbitmqctl_for(node.ctl):
-        _API.append(node.management_url)
-        yield node.amqp_url
-        _API.remove(node.management_url)
+    yield from broker_with_management(amqp_url, _API, "the console's management API tests")
 
 
 @pytest.fixture
