@@ -47,10 +47,10 @@ RECOVERY_EVENTS = (
 )
 
 
-def private_node() -> Iterator[BrokerNode]:
+def private_node(version: str | None = None) -> Iterator[BrokerNode]:
     """A private RabbitMQ node, stopped and removed at the end (body of a module's `node`)."""
     try:
-        install = find_install()  # the installed RabbitMQ, or 4.3 when asked for
+        install = find_install(version)  # the installed RabbitMQ, or 4.3 when asked for
     except BrokerNodeError as exc:
         message = f"{exc}: these tests start a private node"
         # A Docker-only developer may not have it; CI machines always do, so there it fails,
