@@ -14,7 +14,7 @@ import asyncio
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal, overload
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import structlog
@@ -25,6 +25,7 @@ from aio_pika.robust_connection import RobustConnection
 from aiormq.exceptions import InvalidFrameError, ProbableAuthenticationError
 from yarl import URL
 
+from worker.addresses import vhost
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.broker")
@@ -73,9 +74,8 @@ def _refusal(url: str, exc: BaseException) -> BrokerRefused | None:
     if isinstance(exc, InvalidFrameError) and "Connection.Close" in str(exc):
         # RabbitMQ closes the connection at open when the vhost does not exist, or when the
         # user may not use it; aiormq reports it only as an unexpected frame.
-        vhost = unquote(urlsplit(url).path[1:]) or "/"
         return BrokerRefused(
-            url, exc, f"refused vhost {vhost!r}: it does not exist or the user may not use it"
+            url, exc, f"refused vhost {vhost(url)!r}: it does not exist or the user may not use it"
         )
     return None
 

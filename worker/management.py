@@ -32,15 +32,21 @@ log = structlog.get_logger("worker.management")
 Auth = httpx.Auth | None
 
 
-def _api(management_url: str, *parts: str) -> httpx.URL:
+def api_url(management_url: str, *parts: str) -> tuple[httpx.URL, httpx.BasicAuth | None]:
+    """`<management>/api/<parts>`, each part percent-encoded, without the URL's credentials;
+    they come back as basic auth (a URL with them would carry them into logs and redirects)."""
     base = httpx.URL(management_url)
+    auth = httpx.BasicAuth(base.username, base.password) if base.username else None
     quoted = "/".join(quote(part, safe="") for part in parts)
-    return base.copy_with(path=f"{base.path.rstrip('/')}/api/{quoted}")
+    path = f"{base.path.rstrip('/')}/api/{quoted}"
+    return base.copy_with(username=None, password=None, path=path), auth
 
 
-def management_queue_url(management_url: str, amqp_url: str, queue: str) -> httpx.URL:
-    """`<management>/api/queues/<vhost>/<queue>` for the vhost of the AMQP URL, credentials kept."""
-    return _api(management_url, "queues", vhost(amqp_url), queue)
+def management_queue_url(
+    management_url: str, amqp_url: str, queue: str
+) -> tuple[httpx.URL, httpx.BasicAuth | None]:
+    """`<management>/api/queues/<vhost>/<queue>` for the vhost of the AMQP URL, and its auth."""
+    return api_url(management_url, "queues", vhost(amqp_url), queue)
 
 
 def _stats_pending(body: Any, expected: Expected) -> bool:
@@ -102,11 +108,9 @@ async def check_queue_policies(
 ) -> list[str]:
     """Read the work queue; raise `TopologyError` on a problem, return the warnings."""
     expected = expected or Expected()
-    url = management_queue_url(management_url, amqp_url, topology.queue)
-    auth = httpx.BasicAuth(url.username, url.password) if url.username else None
-    bare = url.copy_with(username=None, password=None)
+    bare, auth = management_queue_url(management_url, amqp_url, topology.queue)
     policies = [
-        _api(management_url, kind, vhost(amqp_url)).copy_with(username=None, password=None)
+        api_url(management_url, kind, vhost(amqp_url))[0]
         for kind in ("policies", "operator-policies")
     ]
     shown = masked(management_url)

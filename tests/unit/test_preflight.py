@@ -167,9 +167,11 @@ def test_management_url_names_the_vhost_and_queue(
     amqp_url: str, queue: str, expected_path: str
 ) -> None:
     """The vhost comes from the AMQP URL; both are percent-encoded."""
-    url = management_queue_url("http://m:pw@127.0.0.1:15672", amqp_url, queue)
+    url, auth = management_queue_url("http://m:pw@127.0.0.1:15672", amqp_url, queue)
     assert url.raw_path.decode() == expected_path
-    assert (url.username, url.password) == ("m", "pw")
+    assert url.username == "" and auth is not None
+    sent = next(auth.auth_flow(httpx.Request("GET", url)))
+    assert sent.headers["Authorization"] == httpx.BasicAuth("m", "pw")._auth_header
 
 
 def mock(status: int, body: Any, seen: list[httpx.Request]) -> httpx.MockTransport:

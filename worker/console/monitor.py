@@ -16,6 +16,7 @@ from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from worker.addresses import vhost
 from worker.console import queues
 from worker.console.workers import Workers, advertised
+from worker.management import api_url
 from worker.settings import Settings
 from worker.topology import Topology
 
@@ -102,7 +103,7 @@ class Monitor:
         self.polled_at = time.time()
 
     async def _advertised(self, client: httpx.AsyncClient, management: str, amqp: str) -> list[str]:
-        url, auth = queues.api_url(management, "connections")
+        url, auth = api_url(management, "connections")
         columns = {"columns": "client_properties,vhost"}
         response = await client.get(url, params=columns, auth=auth)
         response.raise_for_status()

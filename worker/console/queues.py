@@ -11,13 +11,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
 
 import aiormq
 import httpx
 from aio_pika.abc import AbstractConnection
 
 from worker.addresses import vhost
+from worker.management import api_url
 from worker.topology import Topology
 
 #: Samples kept for the graph: ten minutes at the overview's refresh period.
@@ -64,14 +64,6 @@ async def passive(connection: AbstractConnection, topology: Topology) -> list[Qu
     return rows
 
 
-def api_url(management_url: str, path: str) -> tuple[httpx.URL, httpx.BasicAuth | None]:
-    """`<management>/api/<path>` without credentials, and the credentials as basic auth."""
-    base = httpx.URL(management_url)
-    auth = httpx.BasicAuth(base.username, base.password) if base.username else None
-    url = base.copy_with(username=None, password=None, path=f"{base.path.rstrip('/')}/api/{path}")
-    return url, auth
-
-
 async def managed(
     client: httpx.AsyncClient, management_url: str, amqp_url: str, topology: Topology
 ) -> list[QueueRow]:
@@ -80,7 +72,7 @@ async def managed(
     `amqp_url` is one broker address (a cluster's nodes share the vhost): the whole
     comma-separated `rabbitmq.url` would put the other nodes' addresses into the vhost.
     """
-    url, auth = api_url(management_url, f"queues/{quote(vhost(amqp_url), safe='')}")
+    url, auth = api_url(management_url, "queues", vhost(amqp_url))
     response = await client.get(url, auth=auth)
     response.raise_for_status()
     found = {q.get("name"): q for q in response.json() if isinstance(q, dict)}
