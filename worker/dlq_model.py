@@ -203,12 +203,12 @@ class Stats:
 def stats(snapshot: Snapshot) -> Stats:
     """Summarise a snapshot; reasons and pools are sorted by count, largest first."""
     letters = snapshot.letters
-    oldest, newest = _span(letters)
+    oldest, newest = span(letters)
     by_pool: dict[str | None, list[DeadLetter]] = {}
     for letter in letters:
         by_pool.setdefault(letter.pool, []).append(letter)
     pools = {
-        pool: PoolStats(len(group), _histogram(group), *_span(group))
+        pool: PoolStats(len(group), _histogram(group), *span(group))
         for pool, group in sorted(by_pool.items(), key=lambda kv: (-len(kv[1]), str(kv[0])))
     }
     return Stats(
@@ -220,7 +220,8 @@ def _histogram(letters: tuple[DeadLetter, ...] | list[DeadLetter]) -> dict[str, 
     return dict(Counter(d.reason for d in letters).most_common())
 
 
-def _span(letters: tuple[DeadLetter, ...] | list[DeadLetter]) -> tuple[int | None, int | None]:
+def span(letters: tuple[DeadLetter, ...] | list[DeadLetter]) -> tuple[int | None, int | None]:
+    """The oldest and the newest last failure of `letters` (epoch ms), None when none says."""
     times = [d.last_failure_ms for d in letters if d.last_failure_ms is not None]
     return min(times, default=None), max(times, default=None)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
-from worker.dlq_model import DeadLetter
+from worker.dlq_model import DeadLetter, span
 
 #: Rows on one page of a group; a group of thousands is read a page at a time.
 PAGE_SIZE = 50
@@ -42,15 +42,15 @@ def group_by_reason(letters: tuple[DeadLetter, ...] | list[DeadLetter]) -> list[
 
 
 def _group(reason: str, members: list[DeadLetter]) -> Group:
-    times = [d.last_failure_ms for d in members if d.last_failure_ms is not None]
+    oldest_ms, newest_ms = span(members)
     details = Counter(" ".join(d.detail.split()) for d in members)
     detail, detail_count = details.most_common(1)[0]
     pools = Counter(d.pool or "-" for d in members)
     return Group(
         reason=reason,
         count=len(members),
-        oldest_ms=min(times, default=None),
-        newest_ms=max(times, default=None),
+        oldest_ms=oldest_ms,
+        newest_ms=newest_ms,
         top_detail=detail,
         top_detail_count=detail_count,
         pools=tuple(sorted(pools.items(), key=lambda kv: (-kv[1], kv[0]))),
