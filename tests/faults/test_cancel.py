@@ -10,6 +10,7 @@ only 4.3 enforces per queue, is in `test_cancel_timeout.py`. Every test prints i
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import aiormq
@@ -89,6 +90,38 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == name]
 
 
+@dataclass
+class AfterCancel:
+    """What the broker and the worker show once the items published after a cancel are stored."""
+
+    unacked: int
+    prefetches: list[int]
+    cancels: float | None
+    ready: bool
+    late: float
+
+
+async def publish_after_cancel(
+    node: BrokerNode, connection: Any, service: Service, sb: StandIn, numbers: range, stored: int
+) -> AfterCancel:
+    """Publish `numbers` for the new consumer, wait until `stored` distinct items are stored and
+    the queues drained; with a late ack re-activating the cancelled consumer, these would go to
+    a tag the client dropped and sit unacked."""
+    settings = service.settings
+    async with Publisher(connection, Topology.from_settings(settings)) as publisher:
+        for n in numbers:
+            await publisher.publish_item(item(n))
+    await wait_until(lambda: sb.stats.distinct_keys == stored, 60)
+    await drained(connection, settings, sb)
+    return AfterCancel(
+        unacked=await unacked_on_node(node),
+        prefetches=await consumer_prefetches(node, settings.rabbitmq.queue),
+        cancels=service.metrics.registry.get_sample_value("memory_worker_consumer_cancels_total"),
+        ready=service.ready,
+        late=late_settlements(service),
+    )
+
+
 async def test_queue_deleted_with_stores_in_flight_acks_nothing_after_the_cancel(
     node, make_settings, connection, monkeypatch
 ):
@@ -109,24 +142,18 @@ async def test_queue_deleted_with_stores_in_flight_acks_nothing_after_the_cancel
                 await wait_until(lambda: sb.stats.in_flight == 0)
                 stored_first = sb.stats.distinct_keys
                 sb.config.latency_s = 0.01
-                async with Publisher(connection, topology) as publisher:
-                    for n in range(first, first + second):
-                        await publisher.publish_item(item(n))
-                await wait_until(lambda: sb.stats.distinct_keys == stored_first + second, 60)
-                await drained(connection, settings, sb)
-                unacked = await unacked_on_node(node)
-                prefetches = await consumer_prefetches(node, topology.queue)
-                cancels = service.metrics.registry.get_sample_value(
-                    "memory_worker_consumer_cancels_total"
+                numbers = range(first, first + second)
+                after = await publish_after_cancel(
+                    node, connection, service, sb, numbers, stored_first + second
                 )
-                ready, late = service.ready, late_settlements(service)
         ledger = await tally(connection, settings, sb, stored_first + second)
     [cancelled] = events(logs, "consumer_cancelled_by_broker")
+    late = after.late
     print(f"cancel: {cancelled}; late settlements: {late}; acks after it: {spy.settled_after}")
     assert len(spy.cancelled) == 1 and spy.settled_after == []
     assert cancelled["in_flight"] >= 1
-    assert cancels == 1 and ready
-    assert len(prefetches) == 1 and unacked == 0
+    assert after.cancels == 1 and after.ready
+    assert len(after.prefetches) == 1 and after.unacked == 0
     assert late >= 1 and len(events(logs, "settle_on_closed_channel")) == late
     assert ledger.stored == stored_first + second and ledger.duplicates == 0
     assert ledger.dead == 0 and ledger.still_queued == 0

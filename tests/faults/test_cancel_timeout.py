@@ -17,14 +17,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.faults.broker_node import BrokerNode
-from tests.faults.ledger import drained, tally
+from tests.faults.ledger import tally
 from tests.faults.test_broker import (
-    consumer_prefetches,
-    late_settlements,
     private_node,
     worker_settings,
 )
-from tests.faults.test_cancel import CancelSpy, events, unacked_on_node
+from tests.faults.test_cancel import CancelSpy, events, publish_after_cancel
 from tests.integration.helpers import item, publish_items, wait_until
 from worker.publisher import Publisher
 from worker.service import Service
@@ -94,29 +92,20 @@ async def test_consumer_timeout_closes_the_channel_consumes_anew_and_stores_once
             with capture_logs() as logs:
                 async with Service(settings) as service:
                     await wait_until(lambda: bool(events(logs, "consumer_reopened")), 30)
-                    # Published after the cancel: with a late ack re-activating the cancelled
-                    # consumer, these would go to a tag the client dropped and sit unacked.
-                    async with Publisher(connection, topology) as publisher:
-                        for n in range(first, first + second):
-                            await publisher.publish_item(item(n))
-                    await wait_until(lambda: sb.stats.distinct_keys == first + second, 60)
-                    await drained(connection, settings, sb)
-                    unacked = await unacked_on_node(node)
-                    prefetches = await consumer_prefetches(node, topology.queue)
-                    cancels = service.metrics.registry.get_sample_value(
-                        "memory_worker_consumer_cancels_total"
+                    numbers = range(first, first + second)
+                    after = await publish_after_cancel(
+                        node, connection, service, sb, numbers, first + second
                     )
-                    ready, late = service.ready, late_settlements(service)
         finally:
             await node.ctl("clear_policy", policy)
         ledger = await tally(connection, settings, sb, first + second)
     [cancelled] = events(logs, "consumer_cancelled_by_broker")
-    late_lines = events(logs, "settle_on_closed_channel")
+    late_lines, late = events(logs, "settle_on_closed_channel"), after.late
     print(f"cancel: {cancelled}; late settlements: {late}; acks after it: {spy.settled_after}")
     assert len(spy.cancelled) == 1 and spy.settled_after == []
-    assert cancels == 1 and ready
-    assert len(prefetches) == 1  # one consumer, on the new channel
-    assert unacked == 0
+    assert after.cancels == 1 and after.ready
+    assert len(after.prefetches) == 1  # one consumer, on the new channel
+    assert after.unacked == 0
     assert late >= 1 and len(late_lines) == late  # the slow item's ack, at least, was dropped
     assert all(e["error"] == "consumer cancelled by the broker" for e in late_lines)
     assert ledger.lost == 0 and ledger.stored == first + second
