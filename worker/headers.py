@@ -1,8 +1,9 @@
 """The `x-mw-*` headers: what a retry or dead letter carries, written and read only here.
 
 A retry copy carries the attempts made and when they failed; a dead letter adds why, which
-worker and which queue; a replayed copy drops all of that and counts the replay. Times are
-integer epoch milliseconds: AMQP float headers are 32-bit and would lose seconds of an epoch.
+worker and which queue; a replayed copy drops all of that and counts the replay; an outbox row
+that is no item says why it is not. Times are integer epoch milliseconds: AMQP float headers
+are 32-bit and would lose seconds of an epoch.
 The attempt count is our own header, never the broker's `x-death` (not ours to trust).
 """
 
@@ -20,6 +21,8 @@ H_DETAIL = "x-mw-detail"
 H_WORKER = "x-mw-worker"
 H_QUEUE = "x-mw-queue"
 H_REPLAYED = "x-mw-replayed-from-dlq"
+#: Set by the publisher on a Mahavishnu outbox row that is no item: why (`worker.mahavishnu`).
+H_OUTBOX_ERROR = "x-mw-outbox-error"
 #: A failure detail is cut to this many characters: a header travels with every copy.
 DETAIL_HEADER_CHARS = 1000
 # Written by the broker; a replayed copy starts with a clean slate.

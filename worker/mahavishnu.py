@@ -23,6 +23,7 @@ from typing import Any
 
 import structlog
 
+from worker.headers import H_OUTBOX_ERROR
 from worker.outcome import Reason
 from worker.pools import PoolManager, SyncReport, collect_and_publish
 from worker.publisher import Publisher
@@ -34,8 +35,6 @@ log = structlog.get_logger("worker.mahavishnu")
 SYNC_INTERVAL_S = 60.0
 #: The one row kind Mahavishnu's own drainer sink stores (pools/memory_aggregator.py).
 REFLECTION = "reflection"
-#: Header of a malformed row published for the DLQ: why it is not an item.
-H_OUTBOX_ERROR = "x-mw-outbox-error"
 OUTBOX_METADATA = {"pool_id": "mahavishnu-outbox", "pool_type": "outbox", "worker_id": "outbox"}
 
 

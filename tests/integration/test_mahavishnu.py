@@ -17,7 +17,8 @@ from tests.fixtures.mahavishnu_0_36 import (
     reflection_row,
 )
 from tests.integration.helpers import depth, headers, take_all, wait_until
-from worker.mahavishnu import H_OUTBOX_ERROR, make_outbox_sink, sync_every
+from worker.headers import H_OUTBOX_ERROR
+from worker.mahavishnu import make_outbox_sink, sync_every
 from worker.pools import collect_and_publish
 from worker.publisher import open_publisher
 from worker.service import Service

@@ -15,7 +15,8 @@ from tests.fixtures.mahavishnu_0_36 import (
     WorkerResult,
     reflection_row,
 )
-from worker.mahavishnu import H_OUTBOX_ERROR, make_outbox_sink, row_item, sync_every
+from worker.headers import H_OUTBOX_ERROR
+from worker.mahavishnu import make_outbox_sink, row_item, sync_every
 from worker.models import MemoryItem
 from worker.publisher import BatchResult, ConnectionLost, Publisher, PublishResult
 from worker.strict_json import DecodeError
