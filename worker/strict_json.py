@@ -42,14 +42,6 @@ _SHORT_TEXT = 1024
 _MIN_EXACT_INT = -(2**63)
 _MAX_EXACT_INT = 2**64 - 1
 _WIDE_FLOAT = float(2**63)
-_JSON_TYPES: dict[type[object], str] = {
-    list: "array",
-    str: "string",
-    int: "number",
-    float: "number",
-    bool: "boolean",
-    type(None): "null",
-}
 
 
 def clip(text: str, limit: int = _MAX_DETAIL) -> str:
