@@ -11,6 +11,7 @@ import pytest
 
 from tests.integration.helpers import item, publish_items, worker_env
 from worker.broker import shown
+from worker.exitcodes import EXIT_CONFIG, EXIT_FAILED, EXIT_UNAVAILABLE
 from worker.testing import StandIn, free_port
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ async def test_check_names_the_sink_that_does_not_answer(make_settings):
     """`check` exits 1 and names Session-Buddy when nothing listens at its URL."""
     url = "http://127.0.0.1:9/mcp"
     code, out = await _check(worker_env(make_settings(pools={"session_buddy_url": url})))
-    assert code == 1
+    assert code == EXIT_FAILED
     assert f"sink {url}: FAILED" in out
 
 
@@ -55,7 +56,7 @@ async def test_check_names_a_ledger_that_does_not_answer(make_settings):
     async with StandIn() as sb:
         env = worker_env(make_settings(pools={"session_buddy_url": sb.url}))
         code, out = await _check({**env, "MAHAVISHNU_LEDGER__URL": "redis://127.0.0.1:9/0"})
-    assert code == 1
+    assert code == EXIT_FAILED
     assert "ledger redis://127.0.0.1:9/0: FAILED" in out
 
 
@@ -85,7 +86,7 @@ async def test_a_refused_login_or_vhost_fails_at_once_as_a_settings_error(
     env = worker_env(make_settings(), MAHAVISHNU_RABBITMQ__URL=url.format(host=host))
     env["MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S"] = "30"
     code, stderr, _ = await _run(env)
-    assert code == 78, stderr
+    assert code == EXIT_CONFIG, stderr
     assert says in stderr and "not-the-password" not in stderr
     assert "broker_unreachable" not in stderr  # never retried
 
@@ -95,7 +96,7 @@ async def test_startup_wait_is_waited_out_in_full(make_settings):
     env = worker_env(make_settings(), MAHAVISHNU_RABBITMQ__URL="amqp://guest:guest@127.0.0.1:9/")
     env["MAHAVISHNU_RABBITMQ__STARTUP_WAIT_S"] = "3"
     code, stderr, took_s = await _run(env)
-    assert code == 69, stderr
+    assert code == EXIT_UNAVAILABLE, stderr
     assert took_s >= 3.0
 
 
@@ -106,15 +107,15 @@ async def test_check_is_a_dry_run_of_run(make_settings, connection):
         settings = make_settings(pools={"session_buddy_url": sb.url})
         env = worker_env(settings)
         code, out = await _check({**env, "MAHAVISHNU_SINK__TIMEOUT_S": "1000"})
-        assert code == 78 and "sink.timeout_s" in out
+        assert code == EXIT_CONFIG and "sink.timeout_s" in out
         code, out = await _check({**env, "MAHAVISHNU_SINK__TOOL": "no_such_tool"})
-        assert code == 78 and "lacks the tool 'no_such_tool'" in out
+        assert code == EXIT_CONFIG and "lacks the tool 'no_such_tool'" in out
         code, out = await _check(env)
         assert code == 0 and "to be declared by run" in out
         async with connection.channel() as channel:
             await channel.declare_queue(settings.rabbitmq.queue, durable=True)  # classic
         code, out = await _check(env)
-        assert code == 78 and "already exists with other arguments" in out
+        assert code == EXIT_CONFIG and "already exists with other arguments" in out
     # Only the queue made above exists: check declared nothing of its own.
     with pytest.raises(aiormq.exceptions.ChannelNotFoundEntity):
         async with connection.channel() as channel:
@@ -170,7 +171,7 @@ async def test_check_with_no_address_answering_names_each_and_exits_69(make_sett
     urls = [f"amqp://guest:guest@127.0.0.1:{port}/" for port in ports]
     env = worker_env(make_settings(), MAHAVISHNU_RABBITMQ__URL=",".join(urls))
     code, out = await _check(env)
-    assert code == 69, out
+    assert code == EXIT_UNAVAILABLE, out
     broker = next(line for line in out.splitlines() if line.startswith("broker "))
     for port in ports:
         assert f"amqp://guest:***@127.0.0.1:{port}/: " in broker

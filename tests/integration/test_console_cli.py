@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from tests.integration.helpers import SPAWNED, declared, rejected_dead_letters, worker_env
+from worker.exitcodes import EXIT_USAGE
 
 pytestmark = pytest.mark.integration
 
@@ -54,4 +55,4 @@ async def test_console_refuses_an_open_address_without_a_token(make_settings):
     """Binding 0.0.0.0 without console.token or --insecure exits 2 and says why."""
     process = await console_process(worker_env(make_settings()), "--host", "0.0.0.0")
     _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2 and "console.token" in err.decode()
+    assert process.returncode == EXIT_USAGE and "console.token" in err.decode()

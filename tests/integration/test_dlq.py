@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractRobustConnection
 from tests.integration.helpers import depth, item, publish_items, take_all, worker_env
 from worker import dlq, dlq_edit, dlq_model
 from worker.cli import dlq_change
+from worker.exitcodes import EXIT_FAILED, EXIT_USAGE
 from worker.headers import (
     H_ATTEMPTS,
     H_DETAIL,
@@ -294,7 +295,7 @@ async def test_cli_show_prints_envelope_and_body(make_settings, connection):
     code, out, _ = await cli(settings, "dlq", "show", ids[1][:20])
     assert code == 0 and "failure number 1" in out and "memory item 1" in out
     code, _, _ = await cli(settings, "dlq", "show", "sha256:nope")
-    assert code == 1
+    assert code == EXIT_FAILED
     assert await ids_in(connection, topology.dead_letter_queue) == ids
 
 
@@ -340,7 +341,7 @@ async def test_cli_replay_and_purge_need_a_selection(make_settings, connection):
     ids = await add_dead_letters(connection, topology, 2)
     for command in (("replay",), ("purge", "--yes")):
         code, _, err = await cli(settings, "dlq", *command)
-        assert code == 2 and "--all" in err
+        assert code == EXIT_USAGE and "--all" in err
     assert await ids_in(connection, topology.dead_letter_queue) == ids
 
 
@@ -350,9 +351,9 @@ async def test_cli_replay_of_a_reason_a_retry_cannot_fix_needs_force(make_settin
     settings, topology = await declared(make_settings, connection, "quorum")
     ids = await add_dead_letters(connection, topology, 2)
     code, _, err = await cli(settings, "dlq", "replay", "--reason", "schema")
-    assert code == 2 and "--force" in err and "schema" in err
+    assert code == EXIT_USAGE and "--force" in err and "schema" in err
     code, _, err = await cli(settings, "dlq", "replay", "--reason", "rejected_by_snk")
-    assert code == 2 and "rejected_by_sink" in err
+    assert code == EXIT_USAGE and "rejected_by_sink" in err
     assert await ids_in(connection, topology.dead_letter_queue) == ids
 
 
@@ -396,7 +397,7 @@ async def test_replay_stops_when_the_work_queue_is_unroutable(make_settings, con
         queue = await channel.get_queue(topology.queue, ensure=False)
         await queue.unbind(topology.exchange, topology.queue)
     code, out, err = await cli(settings, "dlq", "replay", "--all")
-    assert code == 1 and "replayed 0 of 1" in out and "no queue bound" in err
+    assert code == EXIT_FAILED and "replayed 0 of 1" in out and "no queue bound" in err
     assert await ids_in(connection, topology.dead_letter_queue) == ids
 
 
@@ -417,7 +418,7 @@ async def test_purge_without_a_terminal_asks_for_yes(make_settings, connection):
     settings, topology = await declared(make_settings, connection, "quorum")
     ids = await add_dead_letters(connection, topology, 3)
     code, _, err = await cli(settings, "dlq", "purge", "--all")
-    assert code == 1 and "--yes" in err
+    assert code == EXIT_FAILED and "--yes" in err
     assert await ids_in(connection, topology.dead_letter_queue) == ids
 
 
@@ -443,7 +444,7 @@ async def test_missing_dead_letter_queue_is_reported(make_settings):
     """Reading a DLQ that does not exist fails with a clear message and exit 1."""
     settings = make_settings()
     code, _, err = await cli(settings, "dlq", "stats")
-    assert code == 1 and "does not exist" in err
+    assert code == EXIT_FAILED and "does not exist" in err
 
 
 async def test_each_replay_is_counted(make_settings, connection):

@@ -26,7 +26,7 @@ from tests.integration.helpers import (
     worker_env,
 )
 from worker.broker import BrokerUnavailable
-from worker.exitcodes import EXIT_DATAERR, EXIT_UNAVAILABLE
+from worker.exitcodes import EXIT_DATAERR, EXIT_FAILED, EXIT_UNAVAILABLE
 from worker.keys import item_key
 from worker.models import item_from_dict
 from worker.publish_sync import BlockingPublisher, publish_items_sync
@@ -384,7 +384,7 @@ async def test_cli_exit_code_says_not_everything_was_confirmed(make_settings, co
         await queue.unbind(topology.exchange, topology.queue)
     stdin = "\n".join(json.dumps(item(n)) for n in range(3)).encode()
     code, out, err = await publish_cli(settings, stdin=stdin)
-    assert code == 1 and "published 0 of 3 item(s), 3 not confirmed" in out
+    assert code == EXIT_FAILED and "published 0 of 3 item(s), 3 not confirmed" in out
     assert "line 3: not confirmed: no queue bound" in err
 
 

@@ -8,6 +8,7 @@ import dataclasses
 import signal
 import sys
 
+from worker.exitcodes import EXIT_OK
 from worker.runner import run
 from worker.testing.config import StandInConfig
 from worker.testing.server import StandIn
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_s=args.latency_ms / 1000, **{k: v for k, v in vars(args).items() if k in names}
     )
     run(_serve(config, args.host, args.port))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":
