@@ -50,7 +50,6 @@ class DeadLetter:
     source_queue: str | None
     pool: str | None
     replayed: int
-    redelivered: bool
     content_type: str | None
     headers: Mapping[str, Any]
     body: bytes
@@ -107,7 +106,6 @@ def read_letter(message: AbstractIncomingMessage, position: int) -> DeadLetter:
         source_queue=source,
         pool=_pool_of(message.body),
         replayed=replay_count(headers),
-        redelivered=bool(message.redelivered),
         content_type=message.content_type,
         headers=headers,
         body=message.body,

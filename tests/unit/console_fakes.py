@@ -36,7 +36,6 @@ def letter(
         source_queue="memory.items",
         pool=pool,
         replayed=0,
-        redelivered=False,
         content_type="application/json",
         headers={"x-mw-reason": reason, "x-origin": "test"},
         body=body if body is not None else b'{"content": "item %d"}' % n,
