@@ -42,6 +42,7 @@ MAHAVISHNU_TOP = frozenset(
         "cross_project_auth_secret",
         "terminal",
         "openhands",
+        "a2a",
         "prefect",
         "pools",
         "pi_pool",
