@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.unit.fakes import FakeDelivery, FakeSink
 from worker.keys import item_key
 from worker.metrics import Metrics
-from worker.models import MemoryItem, decode_item, encode_item
+from worker.models import MemoryItem, decode_item, encode_item, idempotency_key
 from worker.outcome import Action, Kind, Reason
 from worker.pipeline import Pipeline
 from worker.settings import Settings
@@ -107,6 +108,19 @@ async def test_redelivered_collection_without_message_id_is_a_duplicate() -> Non
     kinds = [v.outcome.kind for v in (first, again, changed)]
     assert kinds == [Kind.STORED, Kind.DUPLICATE, Kind.STORED]
     assert sink.requests[0].key == item_key(item(timestamp=1_700_000_000.0))
+
+
+async def test_settled_line_names_the_key_the_item_was_stored_under() -> None:
+    """Without a message id the logged idempotency_key is the stable key, one for every sync."""
+    sink = FakeSink()
+    p = pipeline(sink)
+    with capture_logs() as logs:
+        for timestamp in (1_700_000_000.0, 1_700_000_060.0):
+            await p.handle(FakeDelivery(item_body("", timestamp=timestamp)))
+        await p.handle(FakeDelivery(b"{nope"))
+    keys = [e["idempotency_key"] for e in logs if e["event"] == "message_settled"]
+    assert keys[:2] == [sink.requests[0].key] * 2
+    assert keys[2] == idempotency_key(None, b"{nope")  # no item: the body's hash
 
 
 @pytest.mark.parametrize("message_id", ["m-1", "reflection:abc"])
