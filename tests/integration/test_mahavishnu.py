@@ -91,7 +91,10 @@ async def test_three_syncs_store_each_worker_once(make_settings, connection):
 async def test_three_syncs_by_three_workers_store_once_with_the_shared_ledger(
     make_settings, connection, redis_url, ledger_prefix
 ):
-    """Each sync consumed by a fresh worker (empty recent-keys cache): the ledger stores once."""
+    """Each sync consumed by a fresh worker (empty recent-keys cache): the ledger stores once.
+
+    A fourth sync, after one worker's status changed, stores that worker again.
+    """
     async with StandIn() as sb:
         settings = await declared(
             make_settings(
@@ -100,15 +103,20 @@ async def test_three_syncs_by_three_workers_store_once_with_the_shared_ledger(
             ),
             connection,
         )
-        manager = PoolManager(MahavishnuPool("pool-m", workers()))
+        pool = MahavishnuPool("pool-m", workers())
+        manager = PoolManager(pool)
         duplicates = []
-        for _ in range(3):
+        for n in range(4):
+            if n == 3:
+                pool.results["w-1"] = WorkerResult("w-1", status="failed", exit_code=1)
             async with Service(settings) as service, open_publisher(settings) as publisher:
                 await collect_and_publish(manager, publisher)
                 await wait_until(lambda: service.metrics.counts["ack"] == 3)
                 duplicates.append(service.metrics.counts["outcome:duplicate"])
-    assert duplicates == [0, 3, 3]
-    assert sb.stats.stored == 3 and sb.stats.duplicates == 0
+            if n == 2:
+                assert sb.stats.stored == 3
+    assert duplicates == [0, 3, 3, 2]
+    assert sb.stats.stored == 4 and sb.stats.duplicates == 0
 
 
 async def test_long_runpod_output_is_stored_in_parts(make_settings, connection):
