@@ -75,11 +75,18 @@ async def test_blank_content_dead_letters_under_dead_letter() -> None:
 
 
 async def test_blank_content_is_acked_and_counted_under_skip() -> None:
-    """Under `skip` a blank item is acked unstored, its outcome `skipped`."""
+    """Under `skip` a blank item is acked unstored, counted and logged as outcome `skipped`."""
     sink = FakeSink()
-    verdict = await pipeline(sink, blank_content="skip").handle(FakeDelivery(item_body(" ")))
+    p = pipeline(sink, blank_content="skip")
+    with capture_logs() as logs:
+        verdict = await p.handle(FakeDelivery(item_body(" ")))
     assert verdict.decision.action is Action.ACK
     assert verdict.outcome.kind is Kind.SKIPPED and sink.requests == []
+    labels = {"outcome": "skipped", "action": "ack", "reason": ""}
+    sample = p._metrics.registry.get_sample_value("memory_worker_messages_total", labels)
+    assert sample == 1.0
+    (line,) = [e for e in logs if e["event"] == "message_settled"]
+    assert line["outcome"] == "skipped" and "blank_content = skip" in line["detail"]
 
 
 def test_key_leaves_out_the_collection_time() -> None:
