@@ -85,6 +85,7 @@ def test_every_key_of_mahavishnu_0_36_passes_silently(
         f"MAHAVISHNU_{name.upper()}__ENABLED": "1" for name in SETTINGS_FIELDS if name != "pools"
     }
     env |= {f"MAHAVISHNU_POOLS__{name.upper()}": value[name] for name in POOL_CONFIG_FIELDS}
+    env |= {"MAHAVISHNU_OUTBOX_ENABLED": "true", "MAHAVISHNU_OUTBOX_DRAIN": "false"}  # no fields
     error, warnings = load_with(monkeypatch, tmp_path, yaml, **env)
     assert error == "" and warnings == []
 
