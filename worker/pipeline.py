@@ -244,7 +244,7 @@ class Pipeline:
         except DecodeError as exc:
             return Outcome.invalid(exc.reason, exc.detail)
         try:
-            key = key_of(delivery.message_id, item, self._settings.worker.key_fields)
+            key = key_of(delivery.message_id, item, self._settings.worker)
             keys.append(key)
             if key in self._storing:
                 # A redelivery whose first store still runs here (its channel closed, or the

@@ -8,7 +8,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from tests.unit.fakes import FakeDelivery, FakeSink
-from worker.keys import item_key
+from worker.keys import item_key, key_of
 from worker.metrics import Metrics
 from worker.models import MemoryItem, decode_item, encode_item, idempotency_key
 from worker.outcome import Action, Kind, Reason
@@ -128,6 +128,14 @@ async def test_settled_line_names_the_key_the_item_was_stored_under() -> None:
     keys = [e["idempotency_key"] for e in logs if e["event"] == "message_settled"]
     assert keys[:2] == [sink.requests[0].key] * 2
     assert keys[2] == idempotency_key(None, b"{nope")  # no item: the body's hash
+
+
+def test_key_source_fields_leaves_out_the_message_id() -> None:
+    """Under key_source: fields a random message id (aio-pika's) does not make a copy new."""
+    default, fields = Settings().worker, Settings(worker={"key_source": "fields"}).worker
+    assert key_of("m-1", item(), default) == "m-1"
+    assert key_of("m-1", item(), fields) == key_of("m-2", item(), fields) == item_key(item())
+    assert key_of(None, item(), default) == item_key(item())
 
 
 @pytest.mark.parametrize("message_id", ["m-1", "reflection:abc"])
