@@ -12,7 +12,7 @@ import json
 from collections.abc import Sequence
 
 from worker.models import MemoryItem
-from worker.sections import DEFAULT_KEY_FIELDS
+from worker.sections import DEFAULT_KEY_FIELDS, WorkerSettings
 
 __all__ = ["DEFAULT_KEY_FIELDS", "item_key", "key_of"]
 
@@ -26,6 +26,12 @@ def item_key(item: MemoryItem, fields: Sequence[str] = DEFAULT_KEY_FIELDS) -> st
     return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def key_of(message_id: str | None, item: MemoryItem, fields: Sequence[str]) -> str:
-    """The message id when the publisher set one, else the item's stable key."""
-    return message_id or item_key(item, fields)
+def key_of(message_id: str | None, item: MemoryItem, worker: WorkerSettings) -> str:
+    """The message id when the publisher set one, else the item's stable key.
+
+    Under `worker.key_source: fields` the message id is not used: aio-pika (so oneiric's
+    adapter) gives every message without one a random id, which would make each copy new.
+    """
+    if worker.key_source == "message_id" and message_id:
+        return message_id
+    return item_key(item, worker.key_fields)

@@ -40,6 +40,8 @@ OUTBOX_METADATA = {"pool_id": "mahavishnu-outbox", "pool_type": "outbox", "worke
 
 def row_item(key: str, payload: Mapping[str, Any]) -> dict[str, Any]:
     """A reflection row `{"text": ..., "tags": [...]}` as an item; `DecodeError` if it is none."""
+    if not isinstance(payload, Mapping):  # the WAL holds JSON: any value, not only objects
+        raise DecodeError(Reason.SCHEMA, f"row {key!r}: payload must be an object")
     text, tags = payload.get("text"), payload.get("tags", [])
     if not isinstance(text, str) or not text.strip():
         raise DecodeError(Reason.SCHEMA, f"row {key!r}: text must be a non-blank string")

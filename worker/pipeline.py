@@ -224,16 +224,16 @@ class Pipeline:
         """Turn one delivery into one outcome and settle it exactly once."""
         started = time.perf_counter()
         attempt = previous_attempts(delivery.headers) + 1
-        key = idempotency_key(delivery.message_id, delivery.body)
+        keys = [idempotency_key(delivery.message_id, delivery.body)]  # + the item's, decoded
         try:
-            outcome = await self._outcome(delivery, key)
+            outcome = await self._outcome(delivery, keys)
         except asyncio.CancelledError:
             # Shutdown is not the message's fault: put it back, then let the cancel through.
-            await self._settle(delivery, Outcome.cancelled(), attempt, key, started)
+            await self._settle(delivery, Outcome.cancelled(), attempt, keys[-1], started)
             raise
-        return await self._settle(delivery, outcome, attempt, key, started)
+        return await self._settle(delivery, outcome, attempt, keys[-1], started)
 
-    async def _outcome(self, delivery: Delivery, key: str) -> Outcome:
+    async def _outcome(self, delivery: Delivery, keys: list[str]) -> Outcome:
         try:
             item = decode_item(
                 delivery.body,
@@ -244,7 +244,8 @@ class Pipeline:
         except DecodeError as exc:
             return Outcome.invalid(exc.reason, exc.detail)
         try:
-            key = key_of(delivery.message_id, item, self._settings.worker.key_fields)
+            key = key_of(delivery.message_id, item, self._settings.worker)
+            keys.append(key)
             if key in self._storing:
                 # A redelivery whose first store still runs here (its channel closed, or the
                 # broker cancelled our consumer): it waits, as for another worker's store.
@@ -255,7 +256,7 @@ class Pipeline:
             finally:
                 self._storing.discard(key)
         except Exception as exc:
-            log.exception("store_crashed", idempotency_key=key)
+            log.exception("store_crashed", idempotency_key=keys[-1])
             return Outcome.crashed(exc)
 
     async def _settle(

@@ -42,6 +42,7 @@ MAHAVISHNU_TOP = frozenset(
         "cross_project_auth_secret",
         "terminal",
         "openhands",
+        "a2a",
         "prefect",
         "pools",
         "pi_pool",
@@ -107,6 +108,10 @@ MAHAVISHNU_POOLS = frozenset(
         "auto_spawn_max_workers",
     ]
 )
+
+#: Mahavishnu 0.36.0's own variables that are no settings field (pools/memory_aggregator.py):
+#: docs/mahavishnu.md names them for its outbox, so the same environment may well hold them.
+MAHAVISHNU_ENV_ONLY = frozenset(["OUTBOX_ENABLED", "OUTBOX_DRAIN"])
 
 
 @dataclass
@@ -223,7 +228,9 @@ def _scan_var(
         model_fields = _fields(section_model)
         _check_key(sources, section, key.partition("__")[0], model_fields, where)
         return
-    if mahavishnu and section == "pools" and key in MAHAVISHNU_POOLS:
+    if mahavishnu and (
+        (section == "pools" and key in MAHAVISHNU_POOLS) or rest in MAHAVISHNU_ENV_ONLY
+    ):
         return
     if mahavishnu and section in MAHAVISHNU_TOP and section != "pools":
         return

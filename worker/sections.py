@@ -200,6 +200,11 @@ class WorkerSettings(BaseModel):
         description="What the idempotency key of an item without a message id is made of: "
         "`content` and metadata keys (never the collection time)",
     )
+    key_source: Literal["message_id", "fields"] = Field(
+        default="message_id",
+        description="The key: the message id when there is one, else key_fields; or always "
+        "key_fields (producers whose client sets a random message id: aio-pika, oneiric)",
+    )
 
 
 class LedgerSettings(BaseModel):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aio_pika
+import aiormq
 import pytest
 
 from tests.fixtures.mahavishnu_0_36 import (
@@ -14,6 +16,7 @@ from tests.fixtures.mahavishnu_0_36 import (
     Row,
     RunPodPool,
     WorkerResult,
+    mahavishnu_item,
     reflection_row,
 )
 from tests.integration.helpers import depth, headers, take_all, wait_until
@@ -92,7 +95,10 @@ async def test_three_syncs_store_each_worker_once(make_settings, connection):
 async def test_three_syncs_by_three_workers_store_once_with_the_shared_ledger(
     make_settings, connection, redis_url, ledger_prefix
 ):
-    """Each sync consumed by a fresh worker (empty recent-keys cache): the ledger stores once."""
+    """Each sync consumed by a fresh worker (empty recent-keys cache): the ledger stores once.
+
+    A fourth sync, after one worker's status changed, stores that worker again.
+    """
     async with StandIn() as sb:
         settings = await declared(
             make_settings(
@@ -101,15 +107,20 @@ async def test_three_syncs_by_three_workers_store_once_with_the_shared_ledger(
             ),
             connection,
         )
-        manager = PoolManager(MahavishnuPool("pool-m", workers()))
+        pool = MahavishnuPool("pool-m", workers())
+        manager = PoolManager(pool)
         duplicates = []
-        for _ in range(3):
+        for n in range(4):
+            if n == 3:
+                pool.results["w-1"] = WorkerResult("w-1", status="failed", exit_code=1)
             async with Service(settings) as service, open_publisher(settings) as publisher:
                 await collect_and_publish(manager, publisher)
                 await wait_until(lambda: service.metrics.counts["ack"] == 3)
                 duplicates.append(service.metrics.counts["outcome:duplicate"])
-    assert duplicates == [0, 3, 3]
-    assert sb.stats.stored == 3 and sb.stats.duplicates == 0
+            if n == 2:
+                assert sb.stats.stored == 3
+    assert duplicates == [0, 3, 3, 2]
+    assert sb.stats.stored == 4 and sb.stats.duplicates == 0
 
 
 async def test_long_runpod_output_is_stored_in_parts(make_settings, connection):
@@ -168,3 +179,40 @@ async def test_outbox_rows_are_stored_and_a_bad_row_blocks_nothing(make_settings
     assert dead.message_id == "reflection:bad"
     assert "text must be a non-blank string" in headers(dead)[H_OUTBOX_ERROR]
     assert json.loads(dead.body) == {"key": "reflection:bad", "payload": {"text": None, "tags": []}}
+
+
+async def test_oneiric_style_publisher_declares_passively_and_is_stored_once(
+    make_settings, connection
+):
+    """oneiric 0.33.3's RabbitMQ adapter, call for call (aio-pika defaults, as it uses them).
+
+    Its argument-less declare is refused by the quorum queue; `passive: true` passes. aio-pika
+    gives each of its messages a random message id, so three syncs are three keys unless the
+    worker keys by fields (`worker.key_source: fields`): then they are stored once. A wrong
+    routing key is returned by the broker, and its publish still returns normally.
+    """
+    async with StandIn() as sb:
+        sections = {"pools": {"session_buddy_url": sb.url}, "worker": {"key_source": "fields"}}
+        settings = await declared(make_settings(**sections), connection)
+        queue = settings.rabbitmq.queue
+        refused = await connection.channel()
+        with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
+            await refused.declare_queue(queue, durable=True, passive=False)
+        channel = await connection.channel()  # publisher_confirms=True, on_return_raises=False
+        await channel.declare_queue(queue, durable=True, passive=True)
+        result = WorkerResult("w-1", duration_seconds=1.5)
+        for _ in range(3):
+            body = json.dumps(mahavishnu_item("pool-o", result)).encode()
+            await channel.default_exchange.publish(aio_pika.Message(body, headers={}), queue)
+        lost = aio_pika.Message(body, headers={})
+        await channel.default_exchange.publish(lost, f"{queue}.typo")  # returned, no error
+        ids = {m.message_id for m in await take_all(connection, queue)}
+        assert len(ids) == 3 and None not in ids  # random, one per publish
+        for _ in range(3):
+            body = json.dumps(mahavishnu_item("pool-o", result)).encode()
+            await channel.default_exchange.publish(aio_pika.Message(body, headers={}), queue)
+        async with Service(settings) as service:
+            await wait_until(lambda: service.metrics.counts["ack"] == 3)
+            assert service.metrics.counts["outcome:duplicate"] == 2
+    assert sb.stats.stored == 1
+    assert sb.items[0]["content"].startswith("Worker w-1 of mahavishnu pool pool-o")

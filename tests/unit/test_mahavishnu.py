@@ -66,9 +66,11 @@ def test_row_item_maps_text_and_tags() -> None:
     MemoryItem.model_validate(data)
 
 
-@pytest.mark.parametrize("payload", [{"text": ""}, {"text": 3}, {"text": "x", "tags": "a"}, {}])
-def test_row_item_refuses_malformed_rows(payload: dict[str, Any]) -> None:
-    """Missing or blank text, or tags that are not a list of strings: DecodeError."""
+@pytest.mark.parametrize(
+    "payload", [{"text": ""}, {"text": 3}, {"text": "x", "tags": "a"}, {}, ["x"], None]
+)
+def test_row_item_refuses_malformed_rows(payload: Any) -> None:
+    """Missing or blank text, tags not a list of strings, a payload not an object: DecodeError."""
     with pytest.raises(DecodeError):
         row_item("reflection:1", payload)
 

@@ -15,9 +15,10 @@ from tests.unit.fakes import Clock, FakeDelivery, FakeSink, until
 from worker.breaker import CircuitBreaker, State
 from worker.dispatch import Dispatcher
 from worker.headers import H_ATTEMPTS, H_FIRST_FAILURE_MS
+from worker.keys import item_key
 from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
-from worker.models import idempotency_key
+from worker.models import decode_item
 from worker.outcome import Action, Decision, Kind, Outcome, Reason
 from worker.pipeline import NOT_ATTEMPTED, Pipeline
 from worker.settings import Settings
@@ -494,9 +495,9 @@ async def test_one_message_settled_line_per_delivery() -> None:
     assert by_key["m-rej"]["reason"] == "rejected_by_sink"
     assert by_key["m-tr"]["action"] == "retry"
     assert by_key["m-bad"]["reason"] == "invalid_json"
-    hashed = idempotency_key(None, item_body("no id"))
-    assert by_key[hashed]["message_id"] is None
-    assert by_key[hashed]["outcome"] == "stored"
+    stable = item_key(decode_item(item_body("no id"), None))
+    assert by_key[stable]["message_id"] is None
+    assert by_key[stable]["outcome"] == "stored"
 
 
 async def test_requeue_on_drain_logs_one_line() -> None:

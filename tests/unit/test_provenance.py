@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.mahavishnu_0_36 import POOL_CONFIG_FIELDS, SETTINGS_FIELDS
 from worker.settings import SettingsError, load_settings
 
 CONCURRENCY_ENV = "MAHAVISHNU_POOLS__MAX_CONCURRENT_MEMORY_INSERTIONS"
@@ -68,6 +69,24 @@ def test_mahavishnus_own_keys_pass_silently(
         MAHAVISHNU_POOLS__MEMORY_SYNC_INTERVAL="30",
         MAHAVISHNU_DLQ__MAX_SIZE="10",
     )
+    assert error == "" and warnings == []
+
+
+def test_every_key_of_mahavishnu_0_36_passes_silently(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Each of 0.36.0's top-level fields and PoolConfig fields, in a file and under its prefix."""
+    yaml = "".join(f"{name}: {{}}\n" for name in SETTINGS_FIELDS if name != "pools")
+    url = "http://sb:8678/mcp"  # session_buddy_url is one of ours too: a valid value
+    value = {name: url if name.endswith("_url") else "1" for name in POOL_CONFIG_FIELDS}
+    yaml += "pools:\n" + "".join(f"  {name}: {value[name]}\n" for name in POOL_CONFIG_FIELDS)
+    env = {f"MAHAVISHNU_{name.upper()}": "1" for name in SETTINGS_FIELDS if name != "pools"}
+    env |= {
+        f"MAHAVISHNU_{name.upper()}__ENABLED": "1" for name in SETTINGS_FIELDS if name != "pools"
+    }
+    env |= {f"MAHAVISHNU_POOLS__{name.upper()}": value[name] for name in POOL_CONFIG_FIELDS}
+    env |= {"MAHAVISHNU_OUTBOX_ENABLED": "true", "MAHAVISHNU_OUTBOX_DRAIN": "false"}  # no fields
+    error, warnings = load_with(monkeypatch, tmp_path, yaml, **env)
     assert error == "" and warnings == []
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from tests.unit.fakes import FakeDelivery, FakeSink
-from worker.keys import item_key
+from worker.keys import item_key, key_of
 from worker.metrics import Metrics
-from worker.models import MemoryItem, decode_item, encode_item
+from worker.models import MemoryItem, decode_item, encode_item, idempotency_key
 from worker.outcome import Action, Kind, Reason
 from worker.pipeline import Pipeline
 from worker.settings import Settings
@@ -74,11 +75,18 @@ async def test_blank_content_dead_letters_under_dead_letter() -> None:
 
 
 async def test_blank_content_is_acked_and_counted_under_skip() -> None:
-    """Under `skip` a blank item is acked unstored, its outcome `skipped`."""
+    """Under `skip` a blank item is acked unstored, counted and logged as outcome `skipped`."""
     sink = FakeSink()
-    verdict = await pipeline(sink, blank_content="skip").handle(FakeDelivery(item_body(" ")))
+    p = pipeline(sink, blank_content="skip")
+    with capture_logs() as logs:
+        verdict = await p.handle(FakeDelivery(item_body(" ")))
     assert verdict.decision.action is Action.ACK
     assert verdict.outcome.kind is Kind.SKIPPED and sink.requests == []
+    labels = {"outcome": "skipped", "action": "ack", "reason": ""}
+    sample = p._metrics.registry.get_sample_value("memory_worker_messages_total", labels)
+    assert sample == 1.0
+    (line,) = [e for e in logs if e["event"] == "message_settled"]
+    assert line["outcome"] == "skipped" and "blank_content = skip" in line["detail"]
 
 
 def test_key_leaves_out_the_collection_time() -> None:
@@ -107,6 +115,27 @@ async def test_redelivered_collection_without_message_id_is_a_duplicate() -> Non
     kinds = [v.outcome.kind for v in (first, again, changed)]
     assert kinds == [Kind.STORED, Kind.DUPLICATE, Kind.STORED]
     assert sink.requests[0].key == item_key(item(timestamp=1_700_000_000.0))
+
+
+async def test_settled_line_names_the_key_the_item_was_stored_under() -> None:
+    """Without a message id the logged idempotency_key is the stable key, one for every sync."""
+    sink = FakeSink()
+    p = pipeline(sink)
+    with capture_logs() as logs:
+        for timestamp in (1_700_000_000.0, 1_700_000_060.0):
+            await p.handle(FakeDelivery(item_body("", timestamp=timestamp)))
+        await p.handle(FakeDelivery(b"{nope"))
+    keys = [e["idempotency_key"] for e in logs if e["event"] == "message_settled"]
+    assert keys[:2] == [sink.requests[0].key] * 2
+    assert keys[2] == idempotency_key(None, b"{nope")  # no item: the body's hash
+
+
+def test_key_source_fields_leaves_out_the_message_id() -> None:
+    """Under key_source: fields a random message id (aio-pika's) does not make a copy new."""
+    default, fields = Settings().worker, Settings(worker={"key_source": "fields"}).worker
+    assert key_of("m-1", item(), default) == "m-1"
+    assert key_of("m-1", item(), fields) == key_of("m-2", item(), fields) == item_key(item())
+    assert key_of(None, item(), default) == item_key(item())
 
 
 @pytest.mark.parametrize("message_id", ["m-1", "reflection:abc"])
