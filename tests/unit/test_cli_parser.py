@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from rich.table import Table
 
 from worker import __version__
 from worker.cli.app import build_parser
+from worker.cli.common import console
 
 
 def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -37,3 +39,19 @@ def test_help_lists_only_the_flags_a_command_reads(
     assert "--config" in text
     usage_end = text.index("\n\n")
     assert text[usage_end:].strip().split("\n")[0][:1].isupper()  # a description sentence
+
+
+def test_piped_output_keeps_each_table_row_on_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Off a terminal a table is as wide as its rows, not folded to 80 columns."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    table = Table()
+    table.add_column("id")
+    table.add_column("detail")
+    detail = "Unterminated string starting at: line 1 column 13 (char 12) " * 2
+    table.add_row("904a1198fdbd4f76aa2b6e4", detail.strip())
+    console().print(table)
+    rows = capsys.readouterr().out.splitlines()
+    assert len(rows) == 5  # top, header, rule, the one row, bottom
+    assert detail.strip() in rows[3]

@@ -67,10 +67,21 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return load_settings(overrides, config=getattr(args, "config", None))
 
 
+#: The width of piped output: wide enough that no line or table is folded to fit.
+PIPED_WIDTH = 1000
+
+
 def console(stderr: bool = False) -> Console:
-    """A rich console that wraps only on a terminal: piped output keeps one line per line."""
+    """A rich console that wraps only on a terminal: piped output keeps one line per line.
+
+    Off a terminal rich would fold lines and tables to 80 columns; there it gets a width no
+    row reaches, unless COLUMNS names one.
+    """
     stream = sys.stderr if stderr else sys.stdout
-    return Console(stderr=stderr, soft_wrap=not stream.isatty())
+    if stream.isatty():
+        return Console(stderr=stderr)
+    width = None if os.environ.get("COLUMNS") else PIPED_WIDTH
+    return Console(stderr=stderr, soft_wrap=True, width=width)
 
 
 def positive_int(text: str) -> int:
