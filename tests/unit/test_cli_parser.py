@@ -26,6 +26,11 @@ def test_version_prints_the_package_version(capsys: pytest.CaptureFixture[str]) 
         (["dlq", "stats"], "--session-buddy-url"),
         (["dlq", "purge"], "--timeout-s"),
         (["demo"], "--queue"),
+        (["publish"], "--dead-letter-queue"),
+        (["dlq", "stats"], "--queue"),
+        (["dlq", "list"], "--queue"),
+        (["dlq", "show"], "--queue"),
+        (["dlq", "purge"], "--queue"),
     ],
 )
 def test_help_lists_only_the_flags_a_command_reads(

@@ -44,8 +44,11 @@ FLAGS: tuple[tuple[str, tuple[str, str], Callable[[str], Any], str], ...] = (
 )
 
 
-# What the broker-only tools (publish, dlq) read; the worker and `check` read every flag.
+# What the broker-only tools read; the worker and `check` read every flag. `publish` sends to
+# the work queue only, and the dlq commands other than replay read the dead-letter queue only.
 BROKER_FLAGS = ("--rabbitmq-url", "--queue", "--dead-letter-queue", "--log-format")
+PUBLISH_FLAGS = ("--rabbitmq-url", "--queue", "--log-format")
+DLQ_FLAGS = ("--rabbitmq-url", "--dead-letter-queue", "--log-format")
 
 
 def add_settings_flags(parser: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:

@@ -12,6 +12,7 @@ import re
 from worker.cli import dlq_change, dlq_inspect
 from worker.cli.common import (
     BROKER_FLAGS,
+    DLQ_FLAGS,
     Subparsers,
     add_settings_flags,
     console,
@@ -80,8 +81,9 @@ def add_parser(sub: Subparsers) -> None:
     _add_filters(purge, selecting=True)
     purge.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     purge.set_defaults(func=cmd_dlq_purge)
-    for command in (stats, listing, show, replay, purge):
-        add_settings_flags(command, only=BROKER_FLAGS)
+    for command in (stats, listing, show, purge):
+        add_settings_flags(command, only=DLQ_FLAGS)
+    add_settings_flags(replay, only=BROKER_FLAGS)
 
 
 def _add_filters(parser: argparse.ArgumentParser, *, selecting: bool = False) -> None:

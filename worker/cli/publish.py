@@ -14,7 +14,7 @@ from typing import BinaryIO
 from rich.markup import escape
 
 from worker.cli.common import (
-    BROKER_FLAGS,
+    PUBLISH_FLAGS,
     Subparsers,
     add_settings_flags,
     console,
@@ -48,7 +48,7 @@ def add_parser(sub: Subparsers) -> None:
         "--max-outstanding", type=positive_int, default=256, help="confirms pending at once"
     )
     publish.set_defaults(func=cmd_publish)
-    add_settings_flags(publish, only=BROKER_FLAGS)
+    add_settings_flags(publish, only=PUBLISH_FLAGS)
 
 
 def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
