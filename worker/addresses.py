@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from urllib.parse import unquote, urlsplit
 
 
@@ -62,3 +64,18 @@ def _where(url: str) -> str:
     except ValueError:
         return ""
     return f" ({host}{f':{port}' if port else ''})" if host else ""
+
+
+def unreachable(error: BaseException) -> str:
+    """Why an address did not answer, in words: not aiormq's `<AMQPConnectionError: (111, ...)>`."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and len(error.args) == 2 and isinstance(error.args[0], int):
+        code = error.args[0]  # aiormq's AMQPConnectionError(errno, text)
+    if code == errno.ECONNREFUSED:
+        return "connection refused"
+    if code in (socket.EAI_NONAME, socket.EAI_AGAIN):
+        return "host not found"
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    text = error.args[1] if code is not None and len(error.args) == 2 else str(error)
+    return str(text) or type(error).__name__

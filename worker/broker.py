@@ -25,7 +25,7 @@ from aio_pika.robust_connection import RobustConnection
 from aiormq.exceptions import InvalidFrameError, ProbableAuthenticationError
 from yarl import URL
 
-from worker.addresses import vhost
+from worker.addresses import unreachable, vhost
 from worker.settings import Settings
 
 log = structlog.get_logger("worker.broker")
@@ -54,7 +54,7 @@ class BrokerUnavailable(Exception):
         if len(self.failures) > 1:
             super().__init__(f"no broker at any address: {describe(self.failures)}")
         else:
-            super().__init__(f"no broker at {masked(url)}: {error!r}")
+            super().__init__(f"no broker at {masked(url)}: {unreachable(error)}")
 
 
 class BrokerRefused(BrokerUnavailable):
@@ -105,7 +105,7 @@ def _masked_one(url: str) -> str:
 
 def describe(failures: Failures) -> str:
     """`address: error; ...` with every address masked."""
-    return "; ".join(f"{masked(url)}: {error!r}" for url, error in failures)
+    return "; ".join(f"{masked(url)}: {unreachable(error)}" for url, error in failures)
 
 
 def address(connection: AbstractConnection) -> str:
@@ -153,7 +153,7 @@ class FailoverConnection(RobustConnection):
         if self._node is not None and self._node != self._index:
             self.failovers += 1
             previous = shown(self._urls[self._node])
-            error = repr(self._error) if self._error is not None else None
+            error = unreachable(self._error) if self._error is not None else None
             log.warning("broker_failover", url=self.node, previous=previous, error=error)
         self._node, self._error = self._index, None
 
@@ -236,9 +236,9 @@ async def connect(
         if left_s <= 0:
             raise BrokerUnavailable(mq.url.get_secret_value(), failures[-1][1], failures)
         pause_s = min(delay_s, left_s)
-        error = repr(failures[0][1]) if len(failures) == 1 else describe(failures)
+        error = unreachable(failures[0][1]) if len(failures) == 1 else describe(failures)
         url = masked(mq.url.get_secret_value())
-        log.warning("broker_unreachable", url=url, error=error, retry_in_s=pause_s)
+        log.warning("broker_unreachable", url=url, error=error, retry_in_s=round(pause_s, 3))
         await asyncio.sleep(pause_s)
         delay_s = min(delay_s * 2, MAX_RETRY_S)
 
@@ -266,7 +266,7 @@ def _failed_over(failures: Failures, url: str) -> None:
         "broker_failover",
         url=shown(url),
         previous=shown(first),
-        error=repr(error) if len(failures) == 1 else describe(failures),
+        error=unreachable(error) if len(failures) == 1 else describe(failures),
     )
 
 

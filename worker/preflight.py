@@ -14,6 +14,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractConnection, AbstractRobustConnection
 
+from worker.addresses import unreachable
 from worker.broker import (
     CONFIRM_TIMEOUT_S,
     BrokerRefused,
@@ -156,7 +157,7 @@ async def check(settings: Settings) -> list[Finding]:
     except BrokerRefused as exc:
         found.append(Finding(f"broker {masked(url)}", str(exc), EXIT_CONFIG))
     except BrokerUnavailable as exc:
-        down = f"{exc.error}" if len(exc.failures) == 1 else describe(exc.failures)
+        down = unreachable(exc.error) if len(exc.failures) == 1 else describe(exc.failures)
         found.append(Finding(f"broker {masked(url)}", f"no broker: {down}", EXIT_UNAVAILABLE))
     else:
         several = f"{address(connection)} (one of {len(mq.urls)} addresses)"

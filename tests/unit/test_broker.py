@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiormq.exceptions import AMQPConnectionError
 from structlog.testing import capture_logs
 
 from worker import broker
@@ -106,8 +108,8 @@ async def test_no_address_answering_names_each_one_masked(monkeypatch: pytest.Mo
         await connect(_settings(*NODES[:2]), robust=False)
     assert [url for url, _ in caught.value.failures] == list(NODES[:2])
     text = str(caught.value)
-    assert "amqp://u:***@node1:5672/: ConnectionRefusedError('node1 is down')" in text
-    assert "amqp://u:***@node2:5672/: ConnectionRefusedError('node2 is down')" in text
+    assert "amqp://u:***@node1:5672/: node1 is down" in text
+    assert "amqp://u:***@node2:5672/: node2 is down" in text
     assert "s3cret" not in text
 
 
@@ -157,3 +159,22 @@ async def test_one_failover_line_when_the_connection_comes_up_on_another_node() 
     assert connection.failovers == 1 and connection.up
     connection.transport = None
     await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("error", "why"),
+    [
+        (AMQPConnectionError(111, "Connect call failed ('127.0.0.1', 5699)"), "connection refused"),
+        (ConnectionRefusedError(111, "Connection refused"), "connection refused"),
+        (AMQPConnectionError(-2, "Name or service not known"), "host not found"),
+        (socket.gaierror(-3, "Temporary failure in name resolution"), "host not found"),
+        (AMQPConnectionError(113, "No route to host"), "No route to host"),
+        (TimeoutError(), "no answer in time"),
+        (AMQPConnectionError("Server connection unexpectedly closed"), "Server connection"),
+    ],
+)
+def test_no_broker_says_why_in_words(error: BaseException, why: str) -> None:
+    """The message `run` and the tools end with names the cause, not aiormq's repr."""
+    text = str(BrokerUnavailable("amqp://u:s3cret@mq:5672/", error))
+    assert text.startswith(f"no broker at amqp://u:***@mq:5672/: {why}")
+    assert "<" not in text and "Errno" not in text
