@@ -223,7 +223,8 @@ def _scan_var(
     section_model = sections.get(section)
     if key and section_model is not None and (section != "pools" or not mahavishnu):
         if section == "pools" and key in MAHAVISHNU_POOLS:
-            sources.warnings.append(f"{var} (env): a Mahavishnu setting, which reads {ENV_PREFIX}")
+            read_as = f"Mahavishnu reads it as {ENV_PREFIX}{rest}"
+            sources.warnings.append(f"{var} (env): a Mahavishnu setting; ignored ({read_as})")
             return
         model_fields = _fields(section_model)
         _check_key(sources, section, key.partition("__")[0], model_fields, where)
