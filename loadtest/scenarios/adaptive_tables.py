@@ -127,7 +127,8 @@ def adaptive_md(
     f = report.fmt
     parts = [
         "## Adaptive concurrency against fixed limits and the naive peer",
-        "memory-worker with the committed settings (adaptive limit within [1, 50]) against "
+        "memory-worker with the committed settings (adaptive limit within [1, 50], and within "
+        "[1, 10], the committed default maximum) against "
         "fixed limits (`pools.adaptive_concurrency: false`, labelled *fixed*) and the naive "
         "peer at c = 50, each draining its own backlog. **Store latency** on the stand-in is "
         "from the store call reaching the sink to the row stored (any wait in line inside the "
