@@ -1,13 +1,13 @@
-"""Adaptive concurrency: start at the maximum, come down only while the sink queues our calls.
+"""Adaptive concurrency: open at the maximum, come down only while the sink queues our calls.
 
-The limit lives in [1, `max_concurrent_memory_insertions`] and starts at the maximum, so a
-healthy sink is used fully from the first round trip: a restart or a new replica has nothing
-to learn first. It moves once per window of completed stores: at least `window` (enough for a
-steady percentile), at least one per slot (so a window is about one round trip of every slot)
-and at least `min_window_s` (so a burst of answers read in one loop turn is not a window of
-its own). A window whose mean is already `early_above` times the unloaded latency closes after
-`early_window` stores: a sink that serves one call at a time is left within a few hundred
-milliseconds.
+The limit lives in [1, `max_concurrent_memory_insertions`]. The first store runs alone: a
+sink serving one call at a time that interleaves ten looks, from here, like ten servers ten
+times slower, so only a store that ran alone shows its unloaded latency. Its answer opens the
+limit to the maximum: a healthy sink is used fully from the second round trip. The limit moves
+once per window of completed stores: at least `window` (a steady percentile), one per slot
+(about one round trip of every slot) and `min_window_s` (a burst of answers read in one loop
+turn is not a window). A window whose mean is already `early_above` times the unloaded latency
+closes after `early_window` stores: a serial sink is left within about a second.
 
 A window is judged by its typical latency, the 75th percentile, against the unloaded latency.
 Three things raise latency, and only the last is the sink queueing behind us:
@@ -22,19 +22,18 @@ Three things raise latency, and only the last is the sink queueing behind us:
   a core, for `busy_share` of a window's wall time (Linux's schedstat; CPU time elsewhere),
   and the process itself ran for `cpu_share` of it, stores wait in our loop or for the
   machine, not in the sink, and fewer in flight would not make any faster. Both are needed:
-  on a busy machine a loop that is mostly idle still waits for a core at every wake-up, which
-  delays each store by a wake-up, not by the queue behind it; and a loop that other
-  processes keep from a core runs for less than the time it wants. Such a window never lowers
-  the limit: it doubles it toward the maximum. Its typical latency lowers the unloaded one
-  only if its stores did not queue behind each other (a burst that starts on a busy machine
-  would set it high).
+  on a busy machine a mostly idle loop still waits for a core at every wake-up (a delay per
+  store, not a queue), and a loop that others keep from a core runs for less than it wants.
+  Such a window never lowers the limit: it doubles it toward the maximum. Its typical latency
+  lowers the unloaded one only if its stores did not queue behind each other (a burst that
+  starts on a busy machine would set it high).
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
-  with `overload_share` of 429/503/timeouts halves it. When the very first window already shows
-  it (the burst queued), the unloaded latency is unknown, since a server that interleaves calls
-  answers even the first one late: the limit probes at 1 until a window of stores that ran
-  alone has measured it, then grows from there.
+  with `overload_share` of 429/503/timeouts halves it. When the first window already queued
+  (its fastest store took `shrink_above` times the opening store, or its mean `early_above`
+  times), the limit probes at 1 until a window of stores that ran alone has measured the
+  unloaded latency (one store is one sample of the sink's spread), then grows from there.
 
 Growth: below `flat_below` times unloaded with every slot busy the limit doubles (capacity is
 back); below `grow_below` it grows by a quarter; in between it holds. A limit that latency
@@ -47,8 +46,8 @@ right under a ceiling of five or more, a quarter step above it is cheap and take
 ceiling moves up with it.
 
 A sink that serves one call at a time (Session-Buddy) thus settles at one call, p95 near the
-unloaded latency, throughput within a few percent of the best fixed limit; a sink with room for
-every slot, or a worker held back by its own CPU, stays at the maximum.
+unloaded latency; a sink with room for every slot, or a worker held back by its own CPU, stays
+at the maximum.
 """
 
 from __future__ import annotations
@@ -85,7 +84,9 @@ class AdaptiveLimit:
     ) -> None:
         self.maximum = maximum
         self.enabled = enabled
-        self.limit = maximum
+        # The first store runs alone: the only moment the unloaded latency can be measured.
+        self._opening = enabled and maximum > 1
+        self.limit = 1 if self._opening else maximum
         self.unloaded_s: float | None = None
         self._window = window
         self._early_window = early_window
@@ -104,6 +105,7 @@ class AdaptiveLimit:
         self._ceiling: int | None = None
         self._capacity = 0.0  # calls the sink served at once at the ceiling: stores/s x unloaded
         self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
+        self._first_window = False  # the first window since the opening store
         self._good_windows = 0
         self._fastest_s = math.inf  # fastest store seen while the unloaded latency is unknown
         self._started_s = 0.0
@@ -145,8 +147,11 @@ class AdaptiveLimit:
         """Record one finished store: its latency, whether it signalled overload, how many ran."""
         if not self.enabled:
             return
+        if self._opening:
+            self._open(latency_s, overload)
+            return
         latencies = self._latencies
-        if not latencies:
+        if not latencies and not self._first_window:
             # The window's clocks start at its first store, so idle time before it is not in it.
             self._started_s, self._busy_started_s = self._clock(), self._busy_clock()
         latencies.append(latency_s)
@@ -167,7 +172,19 @@ class AdaptiveLimit:
         ):
             self._close_window(early)
 
+    def _open(self, latency_s: float, overload: bool) -> None:
+        """The first answer: the store ran alone, so its latency is the unloaded one."""
+        if overload:
+            return  # a refusal says nothing of how fast the sink serves: the next store tries
+        self._opening = False
+        self.unloaded_s = latency_s
+        self._decide(self.maximum, "opened")
+        # The first window starts with its stores: an interleaving sink answers them at once.
+        self._first_window = True
+        self._started_s, self._busy_started_s = self._clock(), self._busy_clock()
+
     def _close_window(self, early: bool) -> None:
+        first, self._first_window = self._first_window, False
         latencies = sorted(self._latencies)
         count = len(latencies)
         typical_s = latencies[count * 3 // 4]
@@ -180,6 +197,11 @@ class AdaptiveLimit:
         )
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
+        if first and self.unloaded_s is not None:
+            # An interleaving sink answers every queued store late: latencies never grow
+            # within the window, only its fastest store against the opening one shows it.
+            early = early or latencies[0] >= self._shrink_above * self.unloaded_s
+            self.unloaded_s = None
         unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)
         if unloaded_s is None:
             return  # the window went to learning how fast the sink is unloaded

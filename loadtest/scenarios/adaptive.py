@@ -22,6 +22,7 @@ from loadtest.scenario import (
 )
 from loadtest.scenarios.adaptive_stats import (
     ADAPTIVE_MAX,
+    DEFAULT_MAX,
     LATENCY_FROM_S,
     SERIAL_FIXED,
     SERIAL_MS,
@@ -64,6 +65,13 @@ async def _compare(
     ]
     specs[0] = replace(specs[0], label=f"{specs[0].label} (unloaded)")
     specs.append(replace(base, label=f"{name} memory-worker ≤{ADAPTIVE_MAX} (committed settings)"))
+    specs.append(
+        replace(
+            base,
+            label=f"{name} memory-worker ≤{DEFAULT_MAX} (committed settings, default maximum)",
+            concurrency=DEFAULT_MAX,
+        )
+    )
     if sink.standin is not None:
         specs.append(replace(base, label=f"{name} naive c={ADAPTIVE_MAX}", peer="naive"))
     results = await sweep(bench, specs, sink, retries=1)

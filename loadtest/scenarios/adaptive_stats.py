@@ -14,6 +14,9 @@ SERIAL_FIXED = (1, 2, 3, 5, 50)  # fixed limits on a serial sink; 1 is the unloa
 LATENCY_FROM_S = 3.0  # store latency counts from the third second on: the limit has settled
 DROP_CAPACITY = 5
 ADAPTIVE_MAX = 50
+# The committed settings' maximum (settings/mahavishnu.yaml): the burst a default worker
+# sends before the first answers come back.
+DEFAULT_MAX = 10
 
 
 def steady_window(rows: Sequence[tuple[float, float]]) -> tuple[float, float]:

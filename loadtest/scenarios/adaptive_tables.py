@@ -80,33 +80,42 @@ COMPARE_HEADERS = [
 
 
 def _compare_targets(sink: str, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """memory-worker against the best fixed limit: throughput kept, p95 near unloaded."""
+    """memory-worker against the best fixed limit: throughput kept, p95 near unloaded.
+
+    One pair of targets per memory-worker run: at the maximum of 50 and at the committed
+    default maximum, whose first burst is that many calls.
+    """
     unloaded = results[0]["steady"]["store_latency"]["p95_ms"]
     best = _best_fixed(results)
-    own = next(r for r in results if r["spec"]["adaptive"] is None and not r["spec"]["peer"])
-    others = [r for r in results if r is not own and r["spec"]["concurrency"] == ADAPTIVE_MAX]
-    tput, best_tput = (r["prefilled"]["throughput_items_per_s"] for r in (own, best))
-    p95 = own["steady"]["store_latency"]["p95_ms"]
-    return [
-        target(
-            f"{sink}: memory-worker keeps the throughput of the best fixed limit",
-            f"≥ 0.95 × best fixed (c={best['spec']['concurrency']})",
-            f"{tput / best_tput:.2f} × ({tput:.1f} vs {best_tput:.1f} items/s)",
-            tput >= 0.95 * best_tput,
-        ),
-        target(
-            f"{sink}: memory-worker's p95 store latency near the unloaded latency",
-            f"≤ 2 × unloaded p95 ({2 * unloaded:.0f} ms)",
-            f"{p95:.0f} ms = {p95 / unloaded:.2f} × ("
-            + ", ".join(
-                f"{contender(r)} c={r['spec']['concurrency']}: "
-                f"{r['steady']['store_latency']['p95_ms']:.0f} ms"
-                for r in others
-            )
-            + ")",
-            p95 <= 2 * unloaded,
-        ),
-    ]
+    best_tput = best["prefilled"]["throughput_items_per_s"]
+    owns = [r for r in results if r["spec"]["adaptive"] is None and not r["spec"]["peer"]]
+    others = [r for r in results if r not in owns and r["spec"]["concurrency"] == ADAPTIVE_MAX]
+    found = []
+    for own in owns:
+        tput = own["prefilled"]["throughput_items_per_s"]
+        p95 = own["steady"]["store_latency"]["p95_ms"]
+        who = f"memory-worker ≤{own['spec']['concurrency']}"
+        found += [
+            target(
+                f"{sink}: {who} keeps the throughput of the best fixed limit",
+                f"≥ 0.95 × best fixed (c={best['spec']['concurrency']})",
+                f"{tput / best_tput:.2f} × ({tput:.1f} vs {best_tput:.1f} items/s)",
+                tput >= 0.95 * best_tput,
+            ),
+            target(
+                f"{sink}: {who}'s p95 store latency near the unloaded latency",
+                f"≤ 2 × unloaded p95 ({2 * unloaded:.0f} ms)",
+                f"{p95:.0f} ms = {p95 / unloaded:.2f} × ("
+                + ", ".join(
+                    f"{contender(r)} c={r['spec']['concurrency']}: "
+                    f"{r['steady']['store_latency']['p95_ms']:.0f} ms"
+                    for r in others
+                )
+                + ")",
+                p95 <= 2 * unloaded,
+            ),
+        ]
+    return found
 
 
 def adaptive_md(
@@ -118,7 +127,8 @@ def adaptive_md(
     f = report.fmt
     parts = [
         "## Adaptive concurrency against fixed limits and the naive peer",
-        "memory-worker with the committed settings (adaptive limit within [1, 50]) against "
+        "memory-worker with the committed settings (adaptive limit within [1, 50], and within "
+        "[1, 10], the committed default maximum) against "
         "fixed limits (`pools.adaptive_concurrency: false`, labelled *fixed*) and the naive "
         "peer at c = 50, each draining its own backlog. **Store latency** on the stand-in is "
         "from the store call reaching the sink to the row stored (any wait in line inside the "
