@@ -1,13 +1,15 @@
 """Adaptive concurrency: open at the maximum, come down only while the sink queues our calls.
 
-The limit lives in [1, `max_concurrent_memory_insertions`]. The first store runs alone: a
-sink serving one call at a time that interleaves ten looks, from here, like ten servers ten
-times slower, so only a store that ran alone shows its unloaded latency. Its answer opens the
-limit to the maximum: a healthy sink is used fully from the second round trip. The limit moves
-once per window of completed stores: at least `window` (a steady percentile), one per slot
-(about one round trip of every slot) and `min_window_s` (a burst of answers read in one loop
-turn is not a window). A window whose mean is already `early_above` times the unloaded latency
-closes after `early_window` stores: a serial sink is left within about a second.
+The limit lives in [1, `max_concurrent_memory_insertions`] and starts at the maximum: a healthy
+sink is used fully from the first store, and a burst shorter than `check_after_s` pays nothing
+for adaptation. That long after the first store the limit checks itself once: one store runs
+alone. A sink serving one call at a time that interleaves ten looks, from here, like ten
+servers ten times slower; only a store that ran alone shows its unloaded latency, and the
+window after it is judged against that store. The limit moves once per window of completed
+stores: at least `window` (a steady percentile), one per slot (about one round trip of every
+slot) and `min_window_s` (a burst of answers read in one loop turn is not a window). A window
+whose mean is already `early_above` times the unloaded latency closes after `early_window`
+stores: a serial sink is left within about a second.
 
 A window is judged by its typical latency, the 75th percentile, against the unloaded latency.
 Three things raise latency, and only the last is the sink queueing behind us:
@@ -30,20 +32,21 @@ Three things raise latency, and only the last is the sink queueing behind us:
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
-  with `overload_share` of 429/503/timeouts halves it. When the first window already queued
-  (its fastest store took `shrink_above` times the opening store, or its mean `early_above`
-  times), the limit probes at 1 until a window of stores that ran alone has measured the
-  unloaded latency (one store is one sample of the sink's spread), then grows from there.
+  with `overload_share` of 429/503/timeouts halves it. When the window after the check
+  queued (its fastest store took `shrink_above` times the lone one), or the first window did
+  (its mean `early_above` times its fastest), the limit probes at 1 until a window of stores
+  that ran alone has measured the unloaded latency (one store is one sample of the sink's
+  spread), then grows from there. A window bounded by our own CPU skips the check: the sink is
+  not what holds us back there, and a lone store would measure only our idle loop.
 
-Growth: below `flat_below` times unloaded with every slot busy the limit doubles (capacity is
-back); below `grow_below` it grows by a quarter; in between it holds. A limit that latency
-pushed it back from is a ceiling, remembered with what the sink served there (stores/s times
-the unloaded latency, by Little's law). The limit stays below it until latency is flat at a
-quarter (and one call) more than that capacity, or for `patience` good windows in a row: flat
-latency at one call at a time says nothing on a sink that serves one call at a time, and each
-probe above the ceiling costs a window of queued calls (those windows would set the p95). Flat
-right under a ceiling of five or more, a quarter step above it is cheap and taken at once: the
-ceiling moves up with it.
+Growth: below `flat_below` times unloaded with every slot busy the limit doubles; below
+`grow_below` it grows by a quarter; in between it holds. A limit latency pushed it back from is
+a ceiling, remembered with what the sink served there (stores/s times unloaded latency, by
+Little's law). The limit stays below it until latency is flat at a quarter (and one call) more
+than that capacity, or for `patience` good windows: flat latency at one call says nothing on a
+sink that serves one call at a time, and each probe above the ceiling costs a window of queued
+calls (they would set the p95). Flat right under a ceiling of five or more, a quarter step
+above is cheap and taken at once: the ceiling moves up with it.
 
 A sink that serves one call at a time (Session-Buddy) thus settles at one call, p95 near the
 unloaded latency; a sink with room for every slot, or a worker held back by its own CPU, stays
@@ -53,10 +56,10 @@ at the maximum.
 from __future__ import annotations
 
 import math
-import os
 import time
-import weakref
 from collections.abc import Callable
+
+from worker.busyclock import loop_busy_clock
 
 
 class AdaptiveLimit:
@@ -78,15 +81,12 @@ class AdaptiveLimit:
         busy_share: float = 0.5,
         cpu_share: float = 0.25,
         min_window_s: float = 0.05,
+        check_after_s: float = 2.0,
         clock: Callable[[], float] = time.monotonic,
         busy_clock: Callable[[], tuple[float, float]] | None = None,
         on_change: Callable[[int, str], None] | None = None,
     ) -> None:
-        self.maximum = maximum
-        self.enabled = enabled
-        # The first store runs alone: the only moment the unloaded latency can be measured.
-        self._opening = enabled and maximum > 1
-        self.limit = 1 if self._opening else maximum
+        self.maximum, self.enabled, self.limit = maximum, enabled, maximum
         self.unloaded_s: float | None = None
         self._window = window
         self._early_window = early_window
@@ -99,38 +99,26 @@ class AdaptiveLimit:
         self._busy_share = busy_share
         self._cpu_share = cpu_share
         self._min_window_s = min_window_s
+        self._check_after_s = check_after_s
+        # When to run one store alone: 0 until the first store answers, None once done.
+        self._check_at: float | None = 0.0 if enabled and maximum > 1 else None
+        self._checking = False  # at 1 since `_check_began` until a store that ran alone answers
+        self._check_began = 0.0
+        self._restore = maximum
+        self._ours = False  # the last window was bounded by our own CPU
         self._clock = clock
-        self._busy_clock = busy_clock if busy_clock is not None else self._loop_busy_clock()
+        self._busy_clock = busy_clock if busy_clock is not None else loop_busy_clock()
         self._on_change = on_change
         self._ceiling: int | None = None
         self._capacity = 0.0  # calls the sink served at once at the ceiling: stores/s x unloaded
         self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
-        self._first_window = False  # the first window since the opening store
         self._good_windows = 0
         self._fastest_s = math.inf  # fastest store seen while the unloaded latency is unknown
+        self._last_fastest_s = math.inf  # the last window's fastest store
+        self._loaded_s = math.inf  # the fastest store that shared the sink, before the check
         self._started_s = 0.0
         self._busy_started_s = (0.0, 0.0)
         self._reset_window()
-
-    def _loop_busy_clock(self) -> Callable[[], tuple[float, float]]:
-        """Seconds this process ran, and seconds its loop thread waited for a core.
-
-        CPU time is exact at any moment; the wait comes from Linux's schedstat (counted at
-        each switch, so only a window of a few scheduler ticks reads it well). Off Linux,
-        the wait reads 0.
-        """
-        cpu_s = time.process_time
-        try:
-            # The thread that builds the limit is the event loop's: the one that does our work.
-            fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
-        except OSError:
-            return lambda: (cpu_s(), 0.0)
-        weakref.finalize(self, os.close, fd)
-
-        def busy_s() -> tuple[float, float]:
-            return cpu_s(), int(os.pread(fd, 128, 0).split()[1]) / 1e9
-
-        return busy_s
 
     def __repr__(self) -> str:
         unloaded = f"{self.unloaded_s * 1000:.1f} ms" if self.unloaded_s else "unknown"
@@ -147,11 +135,10 @@ class AdaptiveLimit:
         """Record one finished store: its latency, whether it signalled overload, how many ran."""
         if not self.enabled:
             return
-        if self._opening:
-            self._open(latency_s, overload)
+        if self._check_at is not None and self._check(latency_s, overload, in_flight):
             return
         latencies = self._latencies
-        if not latencies and not self._first_window:
+        if not latencies:
             # The window's clocks start at its first store, so idle time before it is not in it.
             self._started_s, self._busy_started_s = self._clock(), self._busy_clock()
         latencies.append(latency_s)
@@ -172,19 +159,36 @@ class AdaptiveLimit:
         ):
             self._close_window(early)
 
-    def _open(self, latency_s: float, overload: bool) -> None:
-        """The first answer: the store ran alone, so its latency is the unloaded one."""
-        if overload:
-            return  # a refusal says nothing of how fast the sink serves: the next store tries
-        self._opening = False
-        self.unloaded_s = latency_s
-        self._decide(self.maximum, "opened")
-        # The first window starts with its stores: an interleaving sink answers them at once.
-        self._first_window = True
-        self._started_s, self._busy_started_s = self._clock(), self._busy_clock()
+    def _check(self, latency_s: float, overload: bool, in_flight: int) -> bool:
+        """Run the check's lone store; whether it took this answer (so no window counts it)."""
+        now = self._clock()
+        if self._checking:
+            # Stores started before the check shared the sink; one started after ran alone.
+            if overload or in_flight > 1 or now - latency_s < self._check_began:
+                self._loaded_s = min(self._loaded_s, latency_s)
+                return True
+            self._checking, self._check_at = False, None
+            # An interleaving sink answers every store late, the fastest too: latencies never
+            # grow within a window, only the stores that shared it against the lone one show it.
+            if self._loaded_s >= self._shrink_above * latency_s:
+                self._probing, self.unloaded_s = True, None
+                self._decide(1, "probe")
+            else:
+                self._decide(self._restore, "checked")
+            return True
+        if not self._check_at:
+            self._check_at = now - latency_s + self._check_after_s
+        elif now >= self._check_at:
+            if self.limit == 1 or self._probing or self._ours:
+                self._check_at = None  # stores already run alone, or the sink is not the bound
+                return False
+            self._checking, self._check_began, self._restore = True, now, self.limit
+            self._loaded_s = min(self._last_fastest_s, latency_s, *self._latencies)
+            self._decide(1, "check")
+            return True
+        return False
 
     def _close_window(self, early: bool) -> None:
-        first, self._first_window = self._first_window, False
         latencies = sorted(self._latencies)
         count = len(latencies)
         typical_s = latencies[count * 3 // 4]
@@ -192,16 +196,12 @@ class AdaptiveLimit:
         cpu_s, waited_s = self._busy_clock()
         cpu_s -= self._busy_started_s[0]
         waited_s -= self._busy_started_s[1]
-        ours = wall_s > 0 and (
+        ours = self._ours = wall_s > 0 and (
             cpu_s >= self._cpu_share * wall_s and cpu_s + waited_s >= self._busy_share * wall_s
         )
         overloaded = self._overloads >= self._overload_share * count
         saturated = self._busiest >= self._window_limit
-        if first and self.unloaded_s is not None:
-            # An interleaving sink answers every queued store late: latencies never grow
-            # within the window, only its fastest store against the opening one shows it.
-            early = early or latencies[0] >= self._shrink_above * self.unloaded_s
-            self.unloaded_s = None
+        self._last_fastest_s = latencies[0]
         unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)
         if unloaded_s is None:
             return  # the window went to learning how fast the sink is unloaded

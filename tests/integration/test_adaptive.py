@@ -27,9 +27,8 @@ def sink_settings(make_settings: Any, sb: StandIn, adaptive: bool) -> Settings:
 async def test_one_call_at_a_time_sink_keeps_the_limit_low_and_prefetch_still(
     make_settings, connection
 ):
-    """A sink that serves one call at a time: after the lone first store opens it to the
-    maximum, the limit comes down to 1-3; prefetch stays where it started and the consumer
-    never re-subscribes for it."""
+    """A sink that serves one call at a time: from the maximum the limit comes down to 1-3;
+    prefetch stays where it started and the consumer never re-subscribes for it."""
     published = 400
     async with StandIn(StandInConfig(latency_s=0.01, max_concurrency=1)) as sb:
         settings = sink_settings(make_settings, sb, adaptive=True)

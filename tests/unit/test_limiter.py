@@ -94,25 +94,45 @@ def lognormal(median_s: float, sigma: float, seed: int = 7) -> Callable[[], floa
     return lambda: rng.lognormvariate(0, sigma) * median_s
 
 
+def recorder(clocks: Clocks, changes: list[tuple[float, int, str]]) -> Callable[[int, str], None]:
+    """An on_change that records each change with the simulated time."""
+    return lambda n, why: changes.append((clocks.now, n, why))
+
+
 def test_healthy_sink_is_used_fully_from_the_first_store() -> None:
-    """50 ms log-normal (sigma 0.2): the limit starts at the maximum and never leaves it."""
+    """50 ms log-normal (sigma 0.2): the maximum from the first store; one lone store at 2 s."""
     for maximum in (1, 5, 10, 20, 50):
         clocks = Clocks()
-        limit = clocks.limit(maximum)
+        changes: list[tuple[float, int, str]] = []
+        limit = clocks.limit(maximum, on_change=recorder(clocks, changes))
         sim = Sim(lognormal(UNLOADED_S, 0.2), clocks=clocks)
         sim.run(limit, 20.0)
-        assert set(sim.limits()) == {maximum}, maximum
+        assert set(sim.limits()[:maximum]) == {maximum}, maximum
+        if maximum == 1:
+            assert changes == []
+            continue
+        assert [(n, why) for _, n, why in changes] == [(1, "check"), (maximum, "checked")]
+        began, ended = changes[0][0], changes[1][0]
+        assert began >= 2.0 and ended - began < 3 * UNLOADED_S, maximum
+        assert set(sim.limits()[: sim.limits().index(1)]) == {maximum}, maximum
 
 
 def test_wide_spread_is_not_read_as_queueing() -> None:
-    """sigma 0.5: the mean is far above the fastest calls, yet the limit stays at the maximum."""
+    """sigma 0.5: the mean is far above the fastest calls, yet the limit stays near the maximum.
+
+    At this spread a window now and then reads as queued and costs a step down, so the
+    claim is over ten seeds (some seeds dip to 0.7 of the maximum, then recover).
+    """
     for maximum in (5, 10, 20, 50):
-        clocks = Clocks()
-        limit = clocks.limit(maximum)
-        sim = Sim(lognormal(UNLOADED_S, 0.5, seed=3), clocks=clocks)
-        sim.run(limit, 60.0)
-        limits = sim.limits()
-        assert sum(limits) / len(limits) >= 0.95 * maximum, maximum
+        shares = []
+        for seed in range(1, 11):
+            clocks = Clocks()
+            limit = clocks.limit(maximum)
+            sim = Sim(lognormal(UNLOADED_S, 0.5, seed=seed), clocks=clocks)
+            sim.run(limit, 60.0)
+            limits = sim.limits()
+            shares.append(sum(limits) / len(limits) / maximum)
+        assert sum(shares) / len(shares) >= 0.95, maximum
 
 
 def test_serial_sink_is_left_within_two_seconds() -> None:
@@ -217,7 +237,8 @@ def test_waiting_for_a_core_alone_does_not_hide_a_capacity_drop() -> None:
     limit = clocks.limit(20)
     sim = Sim(lognormal(UNLOADED_S, 0.2), cpu_per_store_s=0.001, clocks=clocks)
     sim.run(limit, 5.0)
-    assert set(sim.limits()) == {20}
+    assert set(sim.limits()) == {1, 20}  # at 1 only for the check's lone store
+    assert sim.limits()[-1] == 20
     sim.set_capacity(3)
     sim.wait_per_store_s = 0.015  # ~90 % of the wall time at ~60 stores/s
     sim.run(limit, 15.0)
@@ -243,7 +264,7 @@ def test_own_cpu_limit_is_not_read_as_queueing() -> None:
     # Our loop is the only queue: each store waits for everything in flight to be handled.
     sim.service_s = lambda: len(sim.running) * cost_s
     sim.run(limit, 10.0)
-    assert set(sim.limits()) == {50}
+    assert set(sim.limits()) == {50}  # no check either: a lone store would measure our loop
 
 
 def test_capacity_drop_is_followed_and_recovered() -> None:
@@ -325,11 +346,16 @@ def test_no_growth_without_demand() -> None:
     limit = clocks.limit(50)
     feed(limit, clocks, UNLOADED_S, 50)
     feed(limit, clocks, 10 * UNLOADED_S, 64)  # the sink slowed down: the limit came down
+    assert limit.limit < 50
+
+    def one_at_a_time(n: int) -> None:
+        for _ in range(n):
+            clocks.now += 0.01
+            limit.observe(UNLOADED_S, overload=False, in_flight=1)
+
+    one_at_a_time(64)  # a window that straddles the drop in demand saw every slot busy
     low = limit.limit
-    assert low < 50
-    for _ in range(500):
-        clocks.now += 0.01
-        limit.observe(UNLOADED_S, overload=False, in_flight=1)
+    one_at_a_time(500)
     assert limit.limit <= low
 
 
@@ -348,10 +374,12 @@ def test_every_change_is_reported_with_its_cause() -> None:
     changes: list[tuple[int, str]] = []
     clocks = Clocks()
     limit = clocks.limit(8, on_change=lambda n, why: changes.append((n, why)))
-    feed(limit, clocks, UNLOADED_S, 1 + 32)  # the opening store, then a window
+    feed(limit, clocks, UNLOADED_S, 32)
     feed(limit, clocks, UNLOADED_S, 32, overload=lambda i: True)
     feed(limit, clocks, UNLOADED_S, 32)
-    assert changes == [(8, "opened"), (4, "overload"), (8, "headroom")]
+    assert changes == [(4, "overload"), (8, "headroom")]
+    feed(limit, clocks, UNLOADED_S, 400)  # past check_after_s: one store runs alone
+    assert changes[2:] == [(1, "check"), (8, "checked")]
 
 
 def test_limit_stays_within_bounds() -> None:
