@@ -5,11 +5,11 @@ sink is used fully from the first store, and a burst shorter than `check_after_s
 for adaptation. That long after the first store the limit checks itself once: one store runs
 alone. A sink serving one call at a time that interleaves ten looks, from here, like ten
 servers ten times slower; only a store that ran alone shows its unloaded latency, and the
-window after it is judged against that store. The limit moves once per window of completed
-stores: at least `window` (a steady percentile), one per slot (about one round trip of every
-slot) and `min_window_s` (a burst of answers read in one loop turn is not a window). A window
-whose mean is already `early_above` times the unloaded latency closes after `early_window`
-stores: a serial sink is left within about a second.
+fastest store that shared the sink before the check is judged against it. The limit moves once
+per window of completed stores: at least `window` (a steady percentile), one per slot (about
+one round trip of every slot) and `min_window_s` (a burst of answers read in one loop turn is
+not a window). A window whose mean is already `early_above` times the unloaded latency closes
+after `early_window` stores: a serial sink is left within about a second.
 
 A window is judged by its typical latency, the 75th percentile, against the unloaded latency.
 Three things raise latency, and only the last is the sink queueing behind us:
@@ -32,8 +32,8 @@ Three things raise latency, and only the last is the sink queueing behind us:
 - **Queueing in the sink.** Throughput stops growing while latency grows with what we keep
   in flight (Netflix concurrency-limits' Vegas and Gradient2 read the same evidence). Above
   `shrink_above` times unloaded the limit shrinks in proportion (at most halving); a window
-  with `overload_share` of 429/503/timeouts halves it. When the window after the check
-  queued (its fastest store took `shrink_above` times the lone one), or the first window did
+  with `overload_share` of 429/503/timeouts halves it. When the check finds a queue (the
+  fastest store before it took `shrink_above` times the lone one), or the first window does
   (its mean `early_above` times its fastest), the limit probes at 1 until a window of stores
   that ran alone has measured the unloaded latency (one store is one sample of the sink's
   spread), then grows from there. A window bounded by our own CPU skips the check: the sink is
