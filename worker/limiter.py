@@ -103,8 +103,7 @@ class AdaptiveLimit:
         # When to run one store alone: 0 until the first store answers, None once done.
         self._check_at: float | None = 0.0 if enabled and maximum > 1 else None
         self._checking = False  # at 1 since `_check_began` until a store that ran alone answers
-        self._check_began = 0.0
-        self._restore = maximum
+        self._check_began, self._restore = 0.0, maximum
         self._ours = False  # the last window was bounded by our own CPU
         self._clock = clock
         self._busy_clock = busy_clock if busy_clock is not None else loop_busy_clock()
@@ -131,11 +130,11 @@ class AdaptiveLimit:
         self._busiest = 0
         self._window_limit = self.limit
 
-    def observe(self, latency_s: float, overload: bool, in_flight: int) -> None:
-        """Record one finished store: its latency, whether it signalled overload, how many ran."""
+    def observe(self, latency_s: float, overload: bool, in_flight: int, ok: bool = True) -> None:
+        """Record one finished store: its latency, overload signal, how many ran, if it stored."""
         if not self.enabled:
             return
-        if self._check_at is not None and self._check(latency_s, overload, in_flight):
+        if self._check_at is not None and self._check(latency_s, overload, in_flight, ok):
             return
         latencies = self._latencies
         if not latencies:
@@ -159,13 +158,14 @@ class AdaptiveLimit:
         ):
             self._close_window(early)
 
-    def _check(self, latency_s: float, overload: bool, in_flight: int) -> bool:
+    def _check(self, latency_s: float, overload: bool, in_flight: int, ok: bool) -> bool:
         """Run the check's lone store; whether it took this answer (so no window counts it)."""
         now = self._clock()
         if self._checking:
             # Stores started before the check shared the sink; one started after ran alone.
-            if overload or in_flight > 1 or now - latency_s < self._check_began:
-                self._loaded_s = min(self._loaded_s, latency_s)
+            # A failed store is no sample of the sink's latency: a refusal answers at once.
+            if not ok or overload or in_flight > 1 or now - latency_s < self._check_began:
+                self._loaded_s = min(self._loaded_s, latency_s) if ok else self._loaded_s
                 return True
             self._checking, self._check_at = False, None
             # An interleaving sink answers every store late, the fastest too: latencies never

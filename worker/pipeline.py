@@ -192,11 +192,11 @@ class Pipeline:
             await self._ledger.release(claim)  # not stored: whoever gets it next may store it
 
     def _measure(self, outcome: Outcome, started: float) -> None:
-        latency_s = time.perf_counter() - started
+        latency_s, stored = time.perf_counter() - started, outcome.kind is Kind.STORED
         if self._limit is not None and outcome.kind is not Kind.DUPLICATE:
             # Read before insert_finished: the stores running while this one ran, itself too.
-            self._limit.observe(latency_s, outcome.overload, self._metrics.in_flight)
-        self._metrics.insert_finished(outcome.kind is Kind.STORED, latency_s)
+            self._limit.observe(latency_s, outcome.overload, self._metrics.in_flight, stored)
+        self._metrics.insert_finished(stored, latency_s)
 
     async def _wait_out_retry_after(self) -> None:
         """Start no store while the sink's Retry-After runs: it asked all of us, not one item."""

@@ -369,6 +369,22 @@ def test_disabled_limit_stays_at_the_maximum() -> None:
     assert limit.limit == 20 and changes == []
 
 
+def test_a_failed_store_is_not_taken_for_the_lone_one() -> None:
+    """A refusal during the check answers at once: the next store that stored is the lone one."""
+    changes: list[tuple[float, int, str]] = []
+    clocks = Clocks()
+    limit = clocks.limit(10, on_change=recorder(clocks, changes))
+    while limit.limit == 10:  # until the check begins, 2 s in
+        feed(limit, clocks, UNLOADED_S, 1)
+    assert changes == [(changes[0][0], 1, "check")] and changes[0][0] >= 2.0 - UNLOADED_S
+    clocks.now += 0.001
+    limit.observe(0.001, overload=False, in_flight=1, ok=False)  # connection refused
+    assert limit.limit == 1
+    clocks.now += UNLOADED_S
+    limit.observe(UNLOADED_S, overload=False, in_flight=1)
+    assert changes[-1][1:] == (10, "checked")
+
+
 def test_every_change_is_reported_with_its_cause() -> None:
     """on_change hears each new limit once, with why it moved."""
     changes: list[tuple[int, str]] = []

@@ -706,12 +706,14 @@ async def test_waiting_deliveries_start_in_arrival_order() -> None:
 
 
 async def test_pipeline_feeds_the_adaptive_limit() -> None:
-    """Each store's latency and overload reach the limit; duplicates and parked items do not."""
-    observed: list[tuple[bool, int]] = []
+    """Each store's latency, overload and success reach the limit; duplicates do not."""
+    observed: list[tuple[bool, int, bool]] = []
 
     class Recorder(AdaptiveLimit):
-        def observe(self, latency_s: float, overload: bool, in_flight: int) -> None:
-            observed.append((overload, in_flight))
+        def observe(
+            self, latency_s: float, overload: bool, in_flight: int, ok: bool = True
+        ) -> None:
+            observed.append((overload, in_flight, ok))
 
     sink = FakeSink()
     sink.results["busy"] = Outcome.transient("HTTP 429", overload=True)
@@ -719,7 +721,7 @@ async def test_pipeline_feeds_the_adaptive_limit() -> None:
     pipeline = Pipeline(sink, settings, Metrics(settings.concurrency), limit=Recorder(10))
     for content in ("ok", "busy", "ok"):
         await pipeline.handle(delivery(content))
-    assert observed == [(False, 1), (True, 1)]  # the second "ok" is a duplicate
+    assert observed == [(False, 1, True), (True, 1, False)]  # the second "ok" is a duplicate
 
 
 async def test_parked_copy_keeps_its_attempts_and_restarts_the_budget_clock() -> None:
