@@ -36,6 +36,7 @@ async def test_one_call_at_a_time_sink_keeps_the_limit_low_and_prefetch_still(
         async with Service(settings) as service:
             consumer = service._consumer
             assert consumer is not None
+            assert service.limit.limit == MAX  # nothing to learn before the first store
             await wait_until(lambda: sb.stats.distinct_keys >= 150, timeout_s=60)
             assert service.limit.unloaded_s is not None  # measured by stores that ran alone
             limits, prefetches, peaks = [], [], []
