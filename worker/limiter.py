@@ -1,18 +1,18 @@
 """Adaptive concurrency: open at the maximum, come down only while the sink queues our calls.
 
 The limit lives in [1, `max_concurrent_memory_insertions`] and starts at the maximum: a healthy
-sink is used fully from the first store, and a burst shorter than `check_after_s` pays nothing
-for adaptation. That long after the first store the limit checks itself once: one store runs
-alone. A sink serving one call at a time that interleaves ten looks, from here, like ten
-servers ten times slower; only a store that ran alone shows its unloaded latency, and the
-fastest store that shared the sink before the check is judged against it. The limit moves once
-per window of completed stores: at least `window` (a steady percentile), one per slot (about
-one round trip of every slot) and `min_window_s` (a burst of answers read in one loop turn is
-not a window). A window whose mean is already `early_above` times the unloaded latency closes
-after `early_window` stores: a serial sink is left within about a second.
+sink is used fully from the first store, and a burst shorter than `check_after_s` pays nothing for
+adaptation. That long after the first store the limit checks itself once: one store runs alone. A
+sink serving one call at a time that interleaves ten looks, from here, like ten servers ten times
+slower; only a store that ran alone shows its unloaded latency, and the fastest store that shared
+the sink before the check is judged against it. The limit moves once per window of completed
+stores: at least `window` (a steady percentile), one per slot (about one round trip of every slot)
+and `min_window_s` (a burst of answers read in one loop turn is not a window). A window whose mean
+is already `early_above` times the unloaded latency closes after `early_window` stores: a serial
+sink is left within about a second.
 
-A window is judged by its typical latency, the 75th percentile, against the unloaded latency.
-Three things raise latency, and only the last is the sink queueing behind us:
+A window is judged by its typical latency, the 75th percentile, against the unloaded latency. Three
+things raise latency, and only the last is the sink queueing behind us:
 
 - **Spread.** A sink whose service time varies has slow calls at any concurrency. A
   percentile, unlike the mean or the fastest call, barely moves with spread, so a healthy sink
@@ -39,18 +39,19 @@ Three things raise latency, and only the last is the sink queueing behind us:
   spread), then grows from there. A window bounded by our own CPU skips the check: the sink is
   not what holds us back there, and a lone store would measure only our idle loop.
 
-Growth: below `flat_below` times unloaded with every slot busy the limit doubles; below
-`grow_below` it grows by a quarter; in between it holds. A limit latency pushed it back from is
-a ceiling, remembered with what the sink served there (stores/s times unloaded latency, by
-Little's law). The limit stays below it until latency is flat at a quarter (and one call) more
-than that capacity, or for `patience` good windows: flat latency at one call says nothing on a
-sink that serves one call at a time, and each probe above the ceiling costs a window of queued
-calls (they would set the p95). Flat right under a ceiling of five or more, a quarter step
-above is cheap and taken at once: the ceiling moves up with it.
+Growth needs demand: a window's stores ran with three quarters of the slots busy on average (not
+one store with every slot busy: a window that straddles a drop in demand has some, and answers read
+in one loop turn see each other's slots free). Then below `flat_below` times unloaded the limit
+doubles, below `grow_below` it grows by a quarter, in between it holds. A limit latency pushed it
+back from is a ceiling, remembered with what the sink served there (stores/s times unloaded
+latency, by Little's law). The limit stays below it until latency is flat at a quarter (and one
+call) more than that capacity, or for `patience` good windows: flat latency at one call says
+nothing on a sink that serves one call at a time, and each probe above the ceiling costs a window
+of queued calls (they would set the p95). Flat right under a ceiling of five or more, a quarter
+step above is cheap and taken at once: the ceiling moves up with it.
 
-A sink that serves one call at a time (Session-Buddy) thus settles at one call, p95 near the
-unloaded latency; a sink with room for every slot, or a worker held back by its own CPU, stays
-at the maximum.
+So a sink serving one call at a time (Session-Buddy) settles at one call, p95 near its unloaded
+latency; a sink with room for every slot, or a worker bound by its own CPU, stays at the maximum.
 """
 
 from __future__ import annotations
@@ -115,8 +116,7 @@ class AdaptiveLimit:
         self._fastest_s = math.inf  # fastest store seen while the unloaded latency is unknown
         self._last_fastest_s = math.inf  # the last window's fastest store
         self._loaded_s = math.inf  # the fastest store that shared the sink, before the check
-        self._started_s = 0.0
-        self._busy_started_s = (0.0, 0.0)
+        self._started_s, self._busy_started_s = 0.0, (0.0, 0.0)
         self._reset_window()
 
     def __repr__(self) -> str:
@@ -126,8 +126,7 @@ class AdaptiveLimit:
     def _reset_window(self) -> None:
         self._latencies: list[float] = []
         self._total_s = 0.0
-        self._overloads = 0
-        self._busiest = 0
+        self._overloads = self._busiest = self._in_flight_total = 0
         self._window_limit = self.limit
 
     def observe(self, latency_s: float, overload: bool, in_flight: int, ok: bool = True) -> None:
@@ -144,6 +143,7 @@ class AdaptiveLimit:
         self._total_s += latency_s
         self._overloads += overload
         self._busiest = max(self._busiest, in_flight)
+        self._in_flight_total += in_flight
         count = len(latencies)
         if count < self._early_window:
             return
@@ -200,7 +200,7 @@ class AdaptiveLimit:
             cpu_s >= self._cpu_share * wall_s and cpu_s + waited_s >= self._busy_share * wall_s
         )
         overloaded = self._overloads >= self._overload_share * count
-        saturated = self._busiest >= self._window_limit
+        saturated = self._in_flight_total >= 0.75 * self._window_limit * count
         self._last_fastest_s = latencies[0]
         unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)
         if unloaded_s is None:

@@ -344,17 +344,26 @@ def test_no_growth_without_demand() -> None:
     limit = clocks.limit(50)
     feed(limit, clocks, UNLOADED_S, 50)
     feed(limit, clocks, 10 * UNLOADED_S, 64)  # the sink slowed down: the limit came down
-    assert limit.limit < 50
-
-    def one_at_a_time(n: int) -> None:
-        for _ in range(n):
-            clocks.now += 0.01
-            limit.observe(UNLOADED_S, overload=False, in_flight=1)
-
-    one_at_a_time(64)  # a window that straddles the drop in demand saw every slot busy
     low = limit.limit
-    one_at_a_time(500)
+    assert low < 50
+    for _ in range(500):
+        clocks.now += 0.01
+        limit.observe(UNLOADED_S, overload=False, in_flight=1)
     assert limit.limit <= low
+
+
+def test_answers_read_in_pairs_still_show_demand() -> None:
+    """Two answers per loop turn (the second sees the first's slot free) still let it grow."""
+    clocks = Clocks()
+    limit = clocks.limit(50)
+    feed(limit, clocks, UNLOADED_S, 50)
+    feed(limit, clocks, 10 * UNLOADED_S, 64)  # the sink slowed down: the limit came down
+    low = limit.limit
+    assert low < 50
+    for i in range(400):  # the sink is back, and every slot refills after each pair of answers
+        clocks.now += UNLOADED_S / limit.limit
+        limit.observe(UNLOADED_S, overload=False, in_flight=limit.limit - i % 2)
+    assert limit.limit > low
 
 
 def test_disabled_limit_stays_at_the_maximum() -> None:
