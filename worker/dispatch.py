@@ -18,8 +18,10 @@ class Dispatcher:
     """Runs `Pipeline.handle` for each delivery, never more than the current limit at once.
 
     A delivery gets its task only once a slot is free (the slot before the task, as in arq);
-    until then it waits in line, first come first served. Every task is kept in a set and
-    reaped, so none is lost, and `drain` finishes or requeues each one within a grace period.
+    until then it waits in line, first come first served. It gives the slot back when its
+    store ends, not after its ack and log line, so the sink is never idle behind our own
+    bookkeeping. Every task is kept in a set and reaped, so none is lost, and `drain`
+    finishes or requeues each one within a grace period.
     """
 
     def __init__(self, pipeline: Pipeline, limit: int) -> None:
@@ -38,7 +40,7 @@ class Dispatcher:
 
     @property
     def in_flight(self) -> int:
-        """Deliveries being handled now."""
+        """Deliveries holding a slot now: decoding or storing."""
         return self._running
 
     def resize(self, limit: int) -> None:
@@ -83,9 +85,16 @@ class Dispatcher:
             log.error("delivery_task_failed", error=repr(exc))
 
     async def _run(self, delivery: Delivery) -> Verdict:
+        slot = [True]
         try:
-            return await self._pipeline.handle(delivery)
+            return await self._pipeline.handle(delivery, lambda: self._free(slot))
         finally:
+            self._free(slot)
+
+    def _free(self, slot: list[bool]) -> None:
+        """Give the delivery's slot to the next one, once: when its store ends or it is done."""
+        if slot:
+            slot.clear()
             self._running -= 1
             self._start_waiting()
 

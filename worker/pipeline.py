@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -70,11 +70,8 @@ class Pipeline:
         limit: AdaptiveLimit | None = None,
         ledger: Ledger | None = None,
     ) -> None:
-        self._sink = sink
-        self._settings = settings
-        self._metrics = metrics
-        self._breaker = breaker
-        self._limit = limit
+        self._sink, self._settings, self._metrics = sink, settings, metrics
+        self._breaker, self._limit = breaker, limit
         self._resume_at = 0.0  # monotonic time before which no store starts (Retry-After)
         self._policy: RetryPolicy = settings.retry.policy
         self._recent = RecentKeys(settings.worker.dedupe_cache_size)
@@ -220,8 +217,8 @@ class Pipeline:
         key = idempotency_key(delivery.message_id, delivery.body)
         return await self._settle(delivery, Outcome.cancelled(), attempt, key, time.perf_counter())
 
-    async def handle(self, delivery: Delivery) -> Verdict:
-        """Turn one delivery into one outcome and settle it exactly once."""
+    async def handle(self, delivery: Delivery, ended: Callable[[], None] = lambda: None) -> Verdict:
+        """Turn one delivery into one outcome and settle it once; `ended()` as its store ends."""
         started = time.perf_counter()
         attempt = previous_attempts(delivery.headers) + 1
         keys = [idempotency_key(delivery.message_id, delivery.body)]  # + the item's, decoded
@@ -231,6 +228,8 @@ class Pipeline:
             # Shutdown is not the message's fault: put it back, then let the cancel through.
             await self._settle(delivery, Outcome.cancelled(), attempt, keys[-1], started)
             raise
+        # The store is over: the next one may start while this delivery is acked and logged.
+        ended()
         return await self._settle(delivery, outcome, attempt, keys[-1], started)
 
     async def _outcome(self, delivery: Delivery, keys: list[str]) -> Outcome:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from worker.limiter import AdaptiveLimit
 from worker.metrics import Metrics
 from worker.models import decode_item
 from worker.outcome import Action, Decision, Kind, Outcome, Reason
-from worker.pipeline import NOT_ATTEMPTED, Pipeline
+from worker.pipeline import NOT_ATTEMPTED, Pipeline, Verdict
 from worker.settings import Settings
 from worker.testing.items import item_body
 
@@ -70,6 +71,32 @@ async def test_dispatcher_never_exceeds_limit() -> None:
     assert peak_in_flight <= 7
     assert len(sink.requests) == 200
     assert all(d.verdict.decision.action is Action.ACK for d in deliveries)
+
+
+@dataclass
+class SlowAck(FakeDelivery):
+    """A delivery whose settle waits for its gate, as on a channel slow to take the ack."""
+
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def settle(self, verdict: Verdict) -> bool:
+        """Record the verdict once the gate opens."""
+        await self.gate.wait()
+        return await super().settle(verdict)
+
+
+async def test_a_slot_is_free_once_its_store_ends() -> None:
+    """At limit 1 the next store starts while the last delivery is still being acked."""
+    sink = FakeSink()
+    dispatcher = Dispatcher(make_pipeline(sink), limit=1)
+    first, second = SlowAck(item_body("first")), delivery("second")
+    dispatcher.submit(first)
+    dispatcher.submit(second)
+    await until(lambda: bool(second.verdicts))
+    assert first.verdicts == [] and sink.peak == 1 and dispatcher.in_flight == 0
+    first.gate.set()
+    assert await dispatcher.drain(grace_s=60.0) == 0  # the drain waits for the slow ack
+    assert first.verdict.decision.action is second.verdict.decision.action is Action.ACK
 
 
 async def test_each_delivery_settled_exactly_once() -> None:
