@@ -39,7 +39,7 @@ things raise latency, and only the last is the sink queueing behind us:
   spread), then grows from there. A window bounded by our own CPU skips the check: the sink is
   not what holds us back there, and a lone store would measure only our idle loop.
 
-Growth needs demand: a window's stores ran with three quarters of the slots busy on average (not
+Growth needs demand: a window's stores ran with `demand_share` of the slots busy on average (not
 one store with every slot busy: a window that straddles a drop in demand has some, and answers read
 in one loop turn see each other's slots free). Then below `flat_below` times unloaded the limit
 doubles, below `grow_below` it grows by a quarter, in between it holds. A limit latency pushed it
@@ -80,6 +80,7 @@ class AdaptiveLimit:
         overload_share: float = 0.1,
         patience: int = 40,
         busy_share: float = 0.5,
+        demand_share: float = 0.75,
         cpu_share: float = 0.25,
         min_window_s: float = 0.05,
         check_after_s: float = 2.0,
@@ -89,8 +90,7 @@ class AdaptiveLimit:
     ) -> None:
         self.maximum, self.enabled, self.limit = maximum, enabled, maximum
         self.unloaded_s: float | None = None
-        self._window = window
-        self._early_window = early_window
+        self._window, self._early_window = window, early_window
         self._grow_below = grow_below
         self._shrink_above = shrink_above
         self._flat_below = flat_below
@@ -98,6 +98,7 @@ class AdaptiveLimit:
         self._overload_share = overload_share
         self._patience = patience
         self._busy_share = busy_share
+        self._demand_share = demand_share
         self._cpu_share = cpu_share
         self._min_window_s = min_window_s
         self._check_after_s = check_after_s
@@ -106,9 +107,8 @@ class AdaptiveLimit:
         self._checking = False  # at 1 since `_check_began` until a store that ran alone answers
         self._check_began, self._restore = 0.0, maximum
         self._ours = False  # the last window was bounded by our own CPU
-        self._clock = clock
+        self._clock, self._on_change = clock, on_change
         self._busy_clock = busy_clock if busy_clock is not None else loop_busy_clock()
-        self._on_change = on_change
         self._ceiling: int | None = None
         self._capacity = 0.0  # calls the sink served at once at the ceiling: stores/s x unloaded
         self._probing = False  # at 1 until a window of stores that ran alone shows the baseline
@@ -200,7 +200,7 @@ class AdaptiveLimit:
             cpu_s >= self._cpu_share * wall_s and cpu_s + waited_s >= self._busy_share * wall_s
         )
         overloaded = self._overloads >= self._overload_share * count
-        saturated = self._in_flight_total >= 0.75 * self._window_limit * count
+        saturated = self._in_flight_total >= self._demand_share * self._window_limit * count
         self._last_fastest_s = latencies[0]
         unloaded_s = self._learn_unloaded(typical_s, latencies[0], early, ours and not overloaded)
         if unloaded_s is None:
