@@ -19,9 +19,9 @@ class Dispatcher:
 
     A delivery gets its task only once a slot is free (the slot before the task, as in arq);
     until then it waits in line, first come first served. It gives the slot back when its
-    store ends, not after its ack and log line, so the sink is never idle behind our own
-    bookkeeping. Every task is kept in a set and reaped, so none is lost, and `drain`
-    finishes or requeues each one within a grace period.
+    store ends, so the sink does not wait for its ack and log line. Every task is kept in a
+    set and reaped, so none is lost, and `drain` finishes or requeues each one within a grace
+    period.
     """
 
     def __init__(self, pipeline: Pipeline, limit: int) -> None:
